@@ -1,0 +1,178 @@
+"""The MTIA IR: a small SSA IR of tensors and ops, printable as text.
+
+A ``Module`` is one function: parameters, a straight-line list of ``Op``s and
+outputs. Every ``Op`` names its kind, its operand and result ``Value``s, its
+attributes and the user source line it came from. A *generic* op carries the
+JAX primitive and its params in ``attrs`` (``primitive``, ``params``), so its
+host numerics are just ``primitive.bind(*operands, **params)``; MTIA-specific
+ops (added by later passes) carry their own attributes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Iterable
+
+import numpy as np
+
+from mtia_jax.mx import MXType
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceLoc:
+    """Where in the user's program an op came from."""
+
+    file: str
+    line: int
+    function: str = "?"
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line} ({self.function})"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorType:
+    """Shape, element type and memory space of a tensor value.
+
+    ``dtype`` is a NumPy/ml_dtypes dtype or an :class:`mtia_jax.mx.MXType`.
+    """
+
+    shape: tuple[int, ...]
+    dtype: Any
+    space: str = "hbm"
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tensor occupies in memory (MX types counted packed)."""
+        if isinstance(self.dtype, MXType):
+            return int(np.ceil(self.size * self.dtype.bits_per_element / 8))
+        return self.size * np.dtype(self.dtype).itemsize
+
+    def __str__(self) -> str:
+        dims = ",".join(str(d) for d in self.shape)
+        return f"{dtype_name(self.dtype)}[{dims}]"
+
+
+_SHORT_DTYPE = {
+    "float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16",
+    "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64",
+    "uint8": "u8", "uint16": "u16", "uint32": "u32", "uint64": "u64",
+    "bool": "bool", "complex64": "c64", "complex128": "c128",
+}
+
+
+def dtype_name(dtype: Any) -> str:
+    if isinstance(dtype, MXType):
+        return str(dtype)
+    name = np.dtype(dtype).name
+    return _SHORT_DTYPE.get(name, name)
+
+
+class Value:
+    """An SSA value: produced once, by a parameter or an op result."""
+
+    __slots__ = ("id", "type")
+    _ids = itertools.count()
+
+    def __init__(self, type: TensorType):
+        self.id = next(Value._ids)
+        self.type = type
+
+    def __repr__(self) -> str:
+        return f"Value(%{self.id}: {self.type})"
+
+
+@dataclasses.dataclass(eq=False)
+class Op:
+    """One operation. ``kind`` selects its numerics and its cost rule."""
+
+    kind: str
+    operands: list[Value]
+    results: list[Value]
+    attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    source: SourceLoc | None = None
+
+    @property
+    def primitive(self):
+        return self.attrs.get("primitive")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.attrs.get("params", {})
+
+
+@dataclasses.dataclass(eq=False)
+class Module:
+    """One function in MTIA IR."""
+
+    name: str
+    params: list[Value]
+    ops: list[Op]
+    outputs: list[Value]
+
+    def as_text(self) -> str:
+        return print_module(self)
+
+    def producers(self) -> dict[Value, Op]:
+        return {r: op for op in self.ops for r in op.results}
+
+
+# ---------------------------------------------------------------- printing
+
+def print_module(module: Module) -> str:
+    names: dict[Value, str] = {}
+
+    def name(v: Value) -> str:
+        if v not in names:
+            names[v] = f"%{len(names)}"
+        return names[v]
+
+    params = ", ".join(f"{name(p)}: {p.type}" for p in module.params)
+    lines = [f"func @{module.name}({params}) {{"]
+    for op in module.ops:
+        results = ", ".join(name(r) for r in op.results)
+        operands = ", ".join(name(o) for o in op.operands)
+        attrs = _format_attrs(op)
+        types = ", ".join(str(r.type) for r in op.results)
+        text = f"  {results} = {op.kind}({operands}){attrs} : {types}"
+        if op.source is not None:
+            text += f"  # {op.source}"
+        lines.append(text)
+    outs = ", ".join(name(o) for o in module.outputs)
+    lines.append(f"  return {outs}")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _format_attrs(op: Op) -> str:
+    items = []
+    for key, val in op.attrs.items():
+        if key == "primitive":
+            continue
+        if key == "params":
+            items.extend(f"{k}={_format_value(v)}" for k, v in val.items() if v is not None)
+        else:
+            items.append(f"{key}={_format_value(val)}")
+    return (" {" + ", ".join(items) + "}") if items else ""
+
+
+def _format_value(val: Any) -> str:
+    if isinstance(val, np.ndarray):
+        if val.size <= 4:
+            return np.array2string(val, separator=",").replace("\n", "")
+        return f"<{dtype_name(val.dtype)}{list(val.shape)}>"
+    if isinstance(val, np.dtype) or (isinstance(val, type) and issubclass(val, np.generic)):
+        return dtype_name(val)
+    if isinstance(val, (tuple, list)):
+        inner = ",".join(_format_value(v) for v in val)
+        return f"({inner})"
+    return str(val)
+
+
+def values_used(ops: Iterable[Op]) -> set[Value]:
+    return {v for op in ops for v in op.operands}

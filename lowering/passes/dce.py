@@ -1,0 +1,16 @@
+"""Dead-code elimination: drop ops none of whose results are used."""
+
+from __future__ import annotations
+
+from lowering.ir import Module
+
+
+def run(module: Module, ctx=None) -> Module:
+    live = set(module.outputs)
+    kept = []
+    for op in reversed(module.ops):
+        if any(r in live for r in op.results):
+            kept.append(op)
+            live.update(op.operands)
+    kept.reverse()
+    return Module(module.name, module.params, kept, module.outputs)

@@ -1,0 +1,46 @@
+"""The pass pipeline: an ordered list of passes, each ``run(module, ctx)``.
+
+Set ``MTIA_JAX_DUMP_IR=<dir>`` to write the IR after import and after every
+pass to ``<dir>/<module>.<NN>.<pass>.ir.txt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from types import ModuleType
+from typing import Any
+
+from lowering.ir import Module
+from lowering.passes import dce
+
+PASSES: tuple[ModuleType, ...] = (dce,)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassContext:
+    """What passes may consult: the target chip, and user options."""
+
+    chip: Any
+
+
+def pass_name(p: ModuleType) -> str:
+    return p.__name__.rsplit(".", 1)[-1]
+
+
+def run_passes(module: Module, ctx: PassContext, passes=PASSES) -> Module:
+    dump_dir = os.environ.get("MTIA_JAX_DUMP_IR")
+    _dump(dump_dir, module, 0, "import")
+    for number, p in enumerate(passes, start=1):
+        module = p.run(module, ctx)
+        _dump(dump_dir, module, number, pass_name(p))
+    return module
+
+
+def _dump(dump_dir: str | None, module: Module, number: int, stage: str) -> None:
+    if not dump_dir:
+        return
+    path = pathlib.Path(dump_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{module.name}.{number:02d}.{stage}.ir.txt").write_text(module.as_text() + "\n")

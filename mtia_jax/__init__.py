@@ -1,0 +1,38 @@
+"""mtia-jax: compile JAX programs for a software model of Meta's MTIA accelerators.
+
+The package stays thin and resolves its public API lazily, so that the
+compiler (``lowering``) and runtime (``runtime``) packages can import
+``mtia_jax.mx`` and ``mtia_jax.chips`` without import cycles.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> (module, attribute); attribute None means the module itself
+_LAZY = {
+    "jit": ("mtia_jax.api", "jit"),
+    "Lowered": ("mtia_jax.api", "Lowered"),
+    "Compiled": ("mtia_jax.api", "Compiled"),
+    "mx": ("mtia_jax.mx", None),
+    "chips": ("mtia_jax.chips", None),
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    try:
+        module_name, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'mtia_jax' has no attribute {name!r}") from None
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,295 @@
+"""``mtia_jax.jit``: compile a JAX function for a modeled MTIA chip.
+
+The stages mirror ``jax.stages``::
+
+    f = mtia_jax.jit(fun, chip="mtia450")
+    lowered = f.lower(*args)        # traced and imported: MTIA IR
+    compiled = lowered.compile()    # passes, memory plan, cost model, host program
+    compiled(*args)                 # the same results as jax.jit(fun)(*args)
+    compiled.cost_analysis()        # FLOPs, bytes, modeled time, roofline, peak HBM
+
+Calling ``f(*args)`` does all of this once per input signature (shapes,
+dtypes, pytree structure, static arguments, chip) and caches the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Any, Callable, Sequence
+
+import jax
+from jax import tree_util
+
+from lowering.from_jaxpr import import_closed_jaxpr
+from lowering.ir import Module
+from lowering.pipeline import PassContext, run_passes
+from mtia_jax import chips as chip_catalogue
+from mtia_jax.errors import HBMCapacityError
+from runtime.cost_model import ProgramCost, program_cost
+from runtime.executor import EXECUTORS
+from runtime.memory import MemoryPlan, plan_memory
+
+# ------------------------------------------------------------ arguments
+
+
+@dataclasses.dataclass(frozen=True)
+class _ArgSpec:
+    """How a call's arguments split into traced leaves and static values."""
+
+    in_tree: Any
+    avals: tuple
+    static: tuple
+
+    @property
+    def key(self):
+        return (self.in_tree, self.avals, self.static)
+
+
+def _aval_key(leaf) -> tuple:
+    aval = jax.typeof(leaf)
+    return (tuple(aval.shape), aval.dtype, bool(getattr(aval, "weak_type", False)))
+
+
+def _as_tuple(x) -> tuple:
+    if x is None:
+        return ()
+    return (x,) if isinstance(x, (int, str)) else tuple(x)
+
+
+class _Signature:
+    """Resolves static/donated argument positions and names like ``jax.jit``."""
+
+    def __init__(self, fun: Callable, static_argnums, static_argnames, donate_argnums):
+        try:
+            self.params = list(inspect.signature(fun).parameters.values())
+        except (TypeError, ValueError):
+            self.params = []
+        positional = [p.name for p in self.params
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        nums = {self._normalize(i, len(positional)) for i in _as_tuple(static_argnums)}
+        names = set(_as_tuple(static_argnames))
+        nums |= {positional.index(n) for n in names if n in positional}
+        names |= {positional[i] for i in nums if 0 <= i < len(positional)}
+        self.static_argnums = frozenset(nums)
+        self.static_argnames = frozenset(names)
+        self.donate_argnums = frozenset(self._normalize(i, len(positional))
+                                        for i in _as_tuple(donate_argnums))
+
+    @staticmethod
+    def _normalize(i: int, n: int) -> int:
+        return i + n if i < 0 and n else i
+
+    def split(self, args: Sequence, kwargs: dict):
+        """(dynamic args, dynamic kwargs, static tuple)"""
+        dyn_args = tuple(a for i, a in enumerate(args) if i not in self.static_argnums)
+        dyn_kwargs = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
+        static = (tuple((i, a) for i, a in enumerate(args) if i in self.static_argnums)
+                  + tuple(sorted((k, v) for k, v in kwargs.items() if k in self.static_argnames)))
+        try:
+            hash(static)
+        except TypeError as e:
+            raise TypeError(
+                f"mtia_jax.jit: static arguments must be hashable, got {static!r}. "
+                f"Pass arrays as non-static arguments, or convert lists to tuples.") from e
+        return dyn_args, dyn_kwargs, static
+
+    @staticmethod
+    def merge(dyn_args: tuple, dyn_kwargs: dict, static: tuple):
+        pos_static = {k: v for k, v in static if isinstance(k, int)}
+        kw_static = {k: v for k, v in static if isinstance(k, str)}
+        args, dyn = [], iter(dyn_args)
+        for i in range(len(dyn_args) + len(pos_static)):
+            args.append(pos_static[i] if i in pos_static else next(dyn))
+        return args, {**dyn_kwargs, **kw_static}
+
+    def donated_leaves(self, args: Sequence) -> frozenset[int]:
+        """Flat leaf indices (of the dynamic arguments) of donated positional arguments."""
+        leaves, offset = set(), 0
+        for pos, arg in enumerate(args):
+            if pos in self.static_argnums:
+                continue
+            n = len(tree_util.tree_leaves(arg))
+            if pos in self.donate_argnums:
+                leaves.update(range(offset, offset + n))
+            offset += n
+        return frozenset(leaves)
+
+
+# ---------------------------------------------------------------- stages
+
+
+class Lowered:
+    """A traced program imported into MTIA IR, not yet compiled."""
+
+    def __init__(self, module: Module, chip, in_tree, out_tree, donated: frozenset[int], mode: str):
+        self.module = module
+        self.chip = chip
+        self.in_tree = in_tree
+        self.out_tree = out_tree
+        self.donated = donated
+        self.mode = mode
+
+    def as_text(self) -> str:
+        """The MTIA IR as imported from the jaxpr, with user source lines."""
+        return self.module.as_text()
+
+    def compile(self) -> "Compiled":
+        module = run_passes(self.module, PassContext(chip=self.chip))
+        memory = plan_memory(module, self.donated)
+        if memory.peak_bytes > self.chip.hbm_bytes:
+            raise HBMCapacityError(
+                self.chip.name, memory.peak_bytes, self.chip.hbm_bytes,
+                [(b.what, b.nbytes, b.source) for b in memory.largest()])
+        cost = program_cost(module, self.chip)
+        executor = EXECUTORS[self.mode](module, donate_argnums=sorted(self.donated))
+        return Compiled(module, self.chip, cost, memory, executor, self.in_tree, self.out_tree)
+
+
+class Compiled:
+    """A compiled program: callable on the host, with a modeled cost."""
+
+    def __init__(self, module: Module, chip, cost: ProgramCost, memory: MemoryPlan,
+                 executor, in_tree, out_tree):
+        self.module = module
+        self.chip = chip
+        self.cost = cost
+        self.memory = memory
+        self._executor = executor
+        self.in_tree = in_tree
+        self.out_tree = out_tree
+
+    def __call__(self, *args, **kwargs):
+        """Call with the non-static arguments, as for ``jax.stages.Compiled``."""
+        leaves, in_tree = tree_util.tree_flatten((args, kwargs))
+        if in_tree != self.in_tree:
+            raise TypeError(f"mtia_jax: compiled for arguments with structure {self.in_tree}, "
+                            f"called with {in_tree}. Call the jitted function instead to recompile.")
+        return self.call_flat(leaves)
+
+    def call_flat(self, leaves: Sequence):
+        return tree_util.tree_unflatten(self.out_tree, self._executor(*leaves))
+
+    def as_text(self) -> str:
+        """The final MTIA IR after all passes."""
+        return self.module.as_text()
+
+    def cost_analysis(self) -> dict[str, float]:
+        """Counts and modeled times for the whole program on ``self.chip``.
+
+        ``time_s`` and ``roofline_time_s`` are *modeled* on the chip, not
+        measured. ``efficiency`` = roofline / modeled time (1.0 is ideal).
+        """
+        cost = self.cost
+        time = cost.time_s
+        return {
+            "flops": cost.total("flops"),
+            "transcendentals": cost.total("transcendentals"),
+            "bytes accessed": cost.total("bytes_accessed"),
+            "hbm_bytes": cost.total("hbm_bytes"),
+            "time_s": time,
+            "roofline_time_s": cost.roofline_time_s,
+            "efficiency": cost.roofline_time_s / time if time > 0 else 1.0,
+            "peak_hbm_bytes": float(self.memory.peak_bytes),
+            "kernels": float(len(cost.kernels)),
+        }
+
+    def memory_analysis(self) -> MemoryPlan:
+        return self.memory
+
+    def kernel_table(self) -> str:
+        """One row per kernel: kind, modeled time and what bounds it."""
+        rows = [f"modeled on {self.chip.name} (a performance model, not a measurement)",
+                f"{'#':>4} {'kernel':<22} {'modeled us':>11} {'bound':<8} {'GFLOP':>9} "
+                f"{'HBM MB':>9}  source"]
+        for k in self.cost.kernels:
+            rows.append(f"{k.index:>4} {k.kind:<22} {k.time_s * 1e6:>11.3f} {k.bound:<8} "
+                        f"{k.flops / 1e9:>9.4f} {k.hbm_bytes / 1e6:>9.3f}  {k.source}")
+        rows.append(f"total modeled {self.cost.time_s * 1e6:.3f} us, roofline "
+                    f"{self.cost.roofline_time_s * 1e6:.3f} us")
+        return "\n".join(rows)
+
+
+# ---------------------------------------------------------------- jit
+
+
+class JitFunction:
+    """The callable returned by :func:`jit`."""
+
+    def __init__(self, fun: Callable, *, chip, static_argnums, static_argnames,
+                 donate_argnums, mode: str):
+        if mode not in EXECUTORS:
+            raise ValueError(f"mtia_jax.jit: unknown mode {mode!r}; choose one of {sorted(EXECUTORS)}")
+        if chip is not None:
+            chip_catalogue.get(chip)  # fail early on unknown chip names
+        self._fun = fun
+        self._chip = chip
+        self._mode = mode
+        self._signature = _Signature(fun, static_argnums, static_argnames, donate_argnums)
+        self._cache: dict[Any, Compiled] = {}
+        functools.update_wrapper(self, fun)
+
+    def _resolve_chip(self):
+        return chip_catalogue.get(self._chip if self._chip is not None else chip_catalogue.default_name())
+
+    def _spec(self, args, kwargs):
+        dyn_args, dyn_kwargs, static = self._signature.split(args, kwargs)
+        leaves, in_tree = tree_util.tree_flatten((dyn_args, dyn_kwargs))
+        spec = _ArgSpec(in_tree, tuple(_aval_key(x) for x in leaves), static)
+        return spec, leaves
+
+    def lower(self, *args, **kwargs) -> Lowered:
+        spec, _ = self._spec(args, kwargs)
+        return self._lower(spec, self._signature.donated_leaves(args))
+
+    def _lower(self, spec: _ArgSpec, donated: frozenset[int]) -> Lowered:
+        out_tree_box = []
+
+        def flat_fun(*leaves):
+            dyn_args, dyn_kwargs = tree_util.tree_unflatten(spec.in_tree, leaves)
+            call_args, call_kwargs = _Signature.merge(dyn_args, dyn_kwargs, spec.static)
+            out = self._fun(*call_args, **call_kwargs)
+            out_leaves, out_tree = tree_util.tree_flatten(out)
+            out_tree_box.append(out_tree)
+            return out_leaves
+
+        structs = [jax.ShapeDtypeStruct(shape, dtype, weak_type=weak)
+                   for shape, dtype, weak in spec.avals]
+        closed = jax.make_jaxpr(flat_fun)(*structs)
+        name = getattr(self._fun, "__name__", "main")
+        module = import_closed_jaxpr(closed, name=name if name.isidentifier() else "main")
+        return Lowered(module, self._resolve_chip(), spec.in_tree, out_tree_box[0], donated, self._mode)
+
+    def __call__(self, *args, **kwargs):
+        spec, leaves = self._spec(args, kwargs)
+        chip = self._resolve_chip()
+        key = (spec.key, chip)
+        compiled = self._cache.get(key)
+        if compiled is None:
+            compiled = self._lower(spec, self._signature.donated_leaves(args)).compile()
+            self._cache[key] = compiled
+        return compiled.call_flat(leaves)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+
+def jit(fun: Callable | None = None, *, chip=None, static_argnums=(), static_argnames=(),
+        donate_argnums=(), mode: str = "graph"):
+    """Compile ``fun`` for a modeled MTIA chip; results equal ``jax.jit(fun)``.
+
+    Args:
+      fun: the function to compile (pytrees of arrays in and out). Omit it to
+        get a decorator: ``@mtia_jax.jit(chip="mtia400")``.
+      chip: a chip name from ``mtia_jax.chips.names()`` or a ``ChipSpec``;
+        default ``$MTIA_JAX_CHIP`` or ``"mtia450"``.
+      static_argnums, static_argnames, donate_argnums: as for ``jax.jit``.
+      mode: ``"graph"`` (one host XLA program, the default) or ``"eager"``
+        (one host dispatch per kernel, for debugging).
+    """
+    options = dict(chip=chip, static_argnums=static_argnums, static_argnames=static_argnames,
+                   donate_argnums=donate_argnums, mode=mode)
+    if fun is None:
+        return functools.partial(jit, **options)
+    return JitFunction(fun, **options)

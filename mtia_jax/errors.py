@@ -1,0 +1,40 @@
+"""Errors raised to users. Each names the user's source line and says what to do."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def _where(source: Any) -> str:
+    return f" at {source}" if source is not None else ""
+
+
+class UnsupportedOperationError(NotImplementedError):
+    """A JAX primitive with no MTIA lowering rule."""
+
+    def __init__(self, primitive: str, source: Any = None):
+        self.primitive = primitive
+        self.source = source
+        super().__init__(
+            f"mtia_jax.jit: the JAX primitive '{primitive}'{_where(source)} has no MTIA "
+            f"lowering yet. Rewrite that line with supported operations, run it outside "
+            f"mtia_jax.jit, or see lowering.from_jaxpr.supported_primitives() for the list."
+        )
+
+
+class HBMCapacityError(MemoryError):
+    """The program's live buffers do not fit the chip's HBM."""
+
+    def __init__(self, chip: str, peak_bytes: int, capacity_bytes: float,
+                 largest: Sequence[tuple[str, int, Any]]):
+        self.chip = chip
+        self.peak_bytes = peak_bytes
+        self.capacity_bytes = capacity_bytes
+        rows = "\n".join(
+            f"  {nbytes / 2**30:10.3f} GiB  {what}{_where(source)}" for what, nbytes, source in largest
+        )
+        super().__init__(
+            f"mtia_jax.jit: the program needs {peak_bytes / 2**30:.3f} GiB of HBM at its peak but "
+            f"{chip} has {capacity_bytes / 2**30:.3f} GiB. Largest buffers:\n{rows}\n"
+            f"Shrink the batch or model, use MX weights, or shard over a mesh."
+        )

@@ -1,0 +1,180 @@
+"""The performance model: a modeled time for every kernel of a program.
+
+Cost model v0. Every op that is a kernel on the device gets
+
+    time = max(compute, hbm) + launch
+    compute = FLOPs / peak FLOP/s of the engine that runs it, for its dtype
+    hbm     = bytes moved between HBM and the chip / HBM bandwidth
+
+and the kernels run one after another. The engine is the matrix engine (Dot
+Product Engine) for contractions and the vector units for everything else.
+Every constant comes from the chip catalogue (``mtia_jax.chips``), which
+cites its source. The rules are a table keyed by op kind.
+
+Counting conventions follow XLA's ``HloCostAnalysis`` so that figures can be
+compared with ``jax.jit(f).lower(...).compile().cost_analysis()``:
+``flops`` counts 2 per multiply-add of a contraction and 1 per element of an
+arithmetic elementwise op or reduction; transcendental functions are counted
+under ``transcendentals`` instead; ``bytes accessed`` is the sum over kernels
+of the bytes of their operands and results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from lowering.ir import Module, Op
+from lowering.op_kinds import KIND_CATEGORY, NO_KERNEL
+from mtia_jax.chips import ChipSpec
+
+@dataclasses.dataclass(frozen=True)
+class OpWork:
+    """What an op asks of the hardware, independent of any chip."""
+
+    flops: float = 0.0
+    transcendentals: float = 0.0
+    engine: str = "vector"  # "matrix" or "vector"
+    dtype: np.dtype | None = None
+
+
+def _operand_dtype(op: Op) -> np.dtype:
+    return (op.operands[0] if op.operands else op.results[0]).type.dtype
+
+
+def _elementwise_work(op: Op) -> OpWork:
+    return OpWork(flops=op.results[0].type.size, dtype=_operand_dtype(op))
+
+
+def _transcendental_work(op: Op) -> OpWork:
+    return OpWork(transcendentals=op.results[0].type.size, dtype=_operand_dtype(op))
+
+
+def _reduction_work(op: Op) -> OpWork:
+    return OpWork(flops=op.operands[0].type.size, dtype=_operand_dtype(op))
+
+
+def _contraction_work(op: Op) -> OpWork:
+    lhs, rhs = op.operands
+    (lhs_contract, _), (lhs_batch, _) = op.params["dimension_numbers"]
+    contract = int(np.prod([lhs.type.shape[d] for d in lhs_contract], dtype=np.int64))
+    # output elements x contraction length multiply-adds, 2 FLOPs each
+    return OpWork(flops=2.0 * op.results[0].type.size * contract,
+                  engine="matrix", dtype=lhs.type.dtype)
+
+
+def _no_work(op: Op) -> OpWork:
+    return OpWork()
+
+
+WORK_RULES: dict[str, Callable[[Op], OpWork]] = {
+    "elementwise": _elementwise_work,
+    "transcendental": _transcendental_work,
+    "reduction": _reduction_work,
+    "contraction": _contraction_work,
+    "data_movement": _no_work,
+    "view": _no_work,
+    "constant": _no_work,
+}
+
+
+def category(op: Op) -> str:
+    try:
+        return KIND_CATEGORY[op.kind]
+    except KeyError:
+        raise KeyError(f"no cost rule for op kind '{op.kind}'"
+                       f"{' at ' + str(op.source) if op.source else ''}") from None
+
+
+def is_kernel(op: Op) -> bool:
+    return category(op) not in NO_KERNEL
+
+
+def _is_immediate(op_value) -> bool:
+    # scalars travel as kernel arguments, not through HBM
+    return op_value.type.size == 1
+
+
+# ---------------------------------------------------------------- results
+
+@dataclasses.dataclass(frozen=True)
+class KernelCost:
+    """The modeled cost of one kernel."""
+
+    index: int
+    kind: str
+    source: str
+    flops: float
+    transcendentals: float
+    bytes_accessed: float
+    hbm_bytes: float
+    compute_s: float
+    hbm_s: float
+    launch_s: float
+    start_s: float
+
+    @property
+    def time_s(self) -> float:
+        return max(self.compute_s, self.hbm_s) + self.launch_s
+
+    @property
+    def bound(self) -> str:
+        return "compute" if self.compute_s >= self.hbm_s else "memory"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramCost:
+    """The modeled cost of a whole program on one chip."""
+
+    chip: str
+    kernels: tuple[KernelCost, ...]
+    roofline_time_s: float
+    min_hbm_bytes: float
+
+    @property
+    def time_s(self) -> float:
+        return sum(k.time_s for k in self.kernels)
+
+    def total(self, field: str) -> float:
+        return float(sum(getattr(k, field) for k in self.kernels))
+
+
+def kernel_cost(op: Op, index: int, start_s: float, chip: ChipSpec) -> KernelCost:
+    work = WORK_RULES[category(op)](op)
+    accessed = sum(v.type.nbytes for v in (*op.operands, *op.results))
+    hbm = sum(v.type.nbytes for v in (*op.operands, *op.results) if not _is_immediate(v))
+    if work.engine == "matrix":
+        peak = chip.matmul_peak(work.dtype)
+    else:
+        peak = chip.vector_peak(work.dtype) if work.dtype is not None else np.inf
+    # the special-function unit is modeled at the vector rate, one op per element
+    compute = (work.flops + work.transcendentals) / peak
+    return KernelCost(
+        index=index, kind=op.kind, source=str(op.source) if op.source else "",
+        flops=work.flops, transcendentals=work.transcendentals,
+        bytes_accessed=float(accessed), hbm_bytes=float(hbm),
+        compute_s=compute, hbm_s=hbm / chip.hbm_bandwidth,
+        launch_s=chip.kernel_launch_s, start_s=start_s,
+    )
+
+
+def program_cost(module: Module, chip: ChipSpec) -> ProgramCost:
+    """Model every kernel of ``module`` on ``chip``, run back to back."""
+    kernels = []
+    clock = 0.0
+    for index, op in enumerate(module.ops):
+        if not is_kernel(op):
+            continue
+        k = kernel_cost(op, index, clock, chip)
+        kernels.append(k)
+        clock += k.time_s
+    # Roofline: the physical lower bound. All arithmetic at peak, and only the
+    # program's own inputs and outputs cross HBM, each exactly once.
+    compute_floor = sum(k.compute_s for k in kernels)
+    io_values = {*module.params, *module.outputs}
+    min_bytes = float(sum(v.type.nbytes for v in io_values))
+    roofline = max(compute_floor, min_bytes / chip.hbm_bandwidth)
+    return ProgramCost(chip=chip.name, kernels=tuple(kernels),
+                       roofline_time_s=roofline, min_hbm_bytes=min_bytes)

@@ -1,0 +1,87 @@
+"""HBM liveness: which buffers are alive when, and the program's peak.
+
+Buffers are the program's parameters, its non-scalar constants and the
+results of kernels. A view op (reshape, squeeze, ...) aliases its operand's
+buffer. Parameters stay alive for the whole call (the caller owns them)
+unless donated, in which case they die after their last use like any
+intermediate. Outputs stay alive to the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lowering.ir import Module, Value
+from runtime.cost_model import category
+
+
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+    what: str
+    nbytes: int
+    source: Any
+    start: int  # index of the op that defines it (-1: before the program)
+    end: int    # index of the last op that uses it (len(ops): to the end)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    buffers: tuple[Buffer, ...]
+    peak_bytes: int
+    peak_at: int
+
+    def largest(self, n: int = 5) -> list[Buffer]:
+        return sorted(self.buffers, key=lambda b: -b.nbytes)[:n]
+
+
+def plan_memory(module: Module, donated: frozenset[int] = frozenset()) -> MemoryPlan:
+    n_ops = len(module.ops)
+    owner: dict[Value, Value] = {}  # value -> the value whose buffer it uses
+    defined_at: dict[Value, int] = {}
+    described: dict[Value, tuple[str, Any]] = {}
+    for i, p in enumerate(module.params):
+        owner[p] = p
+        defined_at[p] = -1
+        described[p] = (f"argument {i}: {p.type}", None)
+    for index, op in enumerate(module.ops):
+        kind = category(op)
+        for r in op.results:
+            if kind == "view":
+                owner[r] = owner[op.operands[0]]
+                continue
+            owner[r] = r
+            defined_at[r] = -1 if kind == "constant" else index
+            described[r] = (f"{op.kind} result {r.type}", op.source)
+
+    last_use: dict[Value, int] = {}
+    for index, op in enumerate(module.ops):
+        for v in op.operands:
+            last_use[owner[v]] = index
+    for v in module.outputs:
+        last_use[owner[v]] = n_ops
+    for i, p in enumerate(module.params):
+        if i not in donated:
+            last_use[p] = n_ops
+
+    buffers = []
+    for v, start in defined_at.items():
+        if v.type.size <= 1 and start == -1 and v not in module.params:
+            continue  # scalar constants are immediates
+        end = last_use.get(v, start)
+        what, source = described[v]
+        buffers.append(Buffer(what, v.type.nbytes, source, start, end))
+
+    # sweep over steps (step = op index + 1): a buffer is live from the op
+    # that defines it through the last op that uses it, inclusive
+    delta = [0] * (n_ops + 3)
+    for b in buffers:
+        delta[b.start + 1] += b.nbytes
+        delta[b.end + 2] -= b.nbytes
+    live = peak = 0
+    peak_at = -1
+    for step in range(n_ops + 2):
+        live += delta[step]
+        if live > peak:
+            peak, peak_at = live, step - 1
+    return MemoryPlan(tuple(buffers), peak, peak_at)

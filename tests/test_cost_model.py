@@ -1,0 +1,115 @@
+"""Cost model v0 and the memory plan, against hand computation and XLA."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mtia_jax
+from mtia_jax import chips
+from mtia_jax.errors import HBMCapacityError
+
+
+@pytest.mark.parametrize("chip_name", ["mtia400", "mtia450", "h100"])
+def test_large_bf16_matmul_time_is_the_hand_computed_roofline(chip_name):
+    m, k, n = 8192, 8192, 8192
+    a = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    b = jax.ShapeDtypeStruct((k, n), jnp.bfloat16)
+    compiled = mtia_jax.jit(jnp.matmul, chip=chip_name).lower(a, b).compile()
+    cost = compiled.cost_analysis()
+    chip = chips.get(chip_name)
+    flops = 2 * m * k * n
+    nbytes = 2 * (m * k + k * n + m * n)
+    roofline = max(flops / chip.matmul_peak(jnp.bfloat16), nbytes / chip.hbm_bandwidth)
+    assert cost["flops"] == flops
+    assert cost["bytes accessed"] == cost["hbm_bytes"] == nbytes
+    assert cost["roofline_time_s"] == pytest.approx(roofline, rel=1e-12)
+    assert cost["time_s"] == pytest.approx(roofline + chip.kernel_launch_s, rel=1e-12)
+    assert cost["kernels"] == 1
+
+
+def test_matmul_roofline_on_two_chips_by_hand():
+    # 8192^3 bf16: 1.0995e12 FLOP; compute-bound on both chips.
+    # mtia450: 3.5e15 FLOP/s bf16 [M26] -> 314.146 us; mtia400: 3.0e15 -> 366.504 us
+    shapes = [jax.ShapeDtypeStruct((8192, 8192), jnp.bfloat16)] * 2
+    for name, expected_us in [("mtia450", 314.1462), ("mtia400", 366.5039)]:
+        cost = mtia_jax.jit(jnp.matmul, chip=name).lower(*shapes).compile().cost_analysis()
+        assert cost["roofline_time_s"] * 1e6 == pytest.approx(expected_us, rel=1e-5)
+
+
+@pytest.mark.parametrize("fn, shapes", [
+    (lambda a, b: a @ b, [(64, 128), (128, 32)]),
+    (lambda a, b: jnp.einsum("bij,bjk->bik", a, b), [(4, 16, 8), (4, 8, 12)]),
+    (lambda a, b: jnp.einsum("ij,kj->ik", a, b), [(10, 7), (5, 7)]),
+])
+def test_contraction_flops_match_xla(fn, shapes):
+    args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+    ours = mtia_jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+    xla = jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+    assert ours == xla
+
+
+def test_elementwise_program_is_memory_bound_and_counts_bytes():
+    chip = chips.get("mtia450")
+    x = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)
+    compiled = mtia_jax.jit(lambda x: x * 2.0, chip="mtia450").lower(x).compile()
+    cost = compiled.cost_analysis()
+    nbytes = 2 * 1024 * 1024 * 4  # read x, write the result; the scalar is an immediate
+    assert cost["hbm_bytes"] == nbytes
+    assert cost["flops"] == 1024 * 1024
+    assert cost["time_s"] == pytest.approx(nbytes / chip.hbm_bandwidth + chip.kernel_launch_s)
+    assert compiled.cost.kernels[0].bound == "memory"
+
+
+def test_transcendentals_counted_like_xla():
+    x = jax.ShapeDtypeStruct((32, 16), jnp.float32)
+    fn = lambda x: jnp.exp(x) + jnp.tanh(x)
+    ours = mtia_jax.jit(fn).lower(x).compile().cost_analysis()
+    xla = jax.jit(fn).lower(x).compile().cost_analysis()
+    assert ours["transcendentals"] == xla["transcendentals"] == 2 * 32 * 16
+    assert ours["flops"] == xla["flops"] == 32 * 16
+
+
+def test_views_are_not_kernels():
+    x = jax.ShapeDtypeStruct((8, 16), jnp.float32)
+    compiled = mtia_jax.jit(lambda x: (x.reshape(16, 8) + 1).reshape(128)).lower(x).compile()
+    assert [k.kind for k in compiled.cost.kernels] == ["add"]
+
+
+def test_cost_analysis_keys_are_numbers_and_efficiency_at_most_one():
+    def f(x, w):
+        return jax.nn.softmax(jnp.tanh(x @ w))
+
+    compiled = mtia_jax.jit(f).lower(jnp.ones((64, 128)), jnp.ones((128, 256))).compile()
+    cost = compiled.cost_analysis()
+    for key in ("flops", "bytes accessed", "hbm_bytes", "time_s", "roofline_time_s", "peak_hbm_bytes"):
+        assert isinstance(cost[key], float) and cost[key] > 0, key
+    assert 0 < cost["efficiency"] <= 1
+    assert cost["time_s"] >= cost["roofline_time_s"]
+    assert "modeled" in compiled.kernel_table()
+
+
+def test_peak_hbm_counts_live_buffers():
+    n = 1 << 20
+
+    def f(x):
+        a = x + 1      # x, a live
+        b = a * 2      # x, a, b live -> peak 3 buffers
+        return b - 1   # x, b, out
+
+    cost = mtia_jax.jit(f).lower(jax.ShapeDtypeStruct((n,), jnp.float32)).compile().cost_analysis()
+    assert cost["peak_hbm_bytes"] == 3 * 4 * n
+
+
+def test_hbm_overflow_fails_to_compile_naming_the_buffers():
+    big = jax.ShapeDtypeStruct((1 << 17, 1 << 17), jnp.float32)  # 64 GiB each
+
+    def f(x, y):
+        return x + y
+
+    with pytest.raises(HBMCapacityError) as info:
+        mtia_jax.jit(f, chip="h100").lower(big, big).compile()
+    message = str(info.value)
+    assert "h100" in message and "argument 0" in message and "GiB" in message
+    # the same program fits in MTIA 450's 288 GB
+    mtia_jax.jit(f, chip="mtia450").lower(big, big).compile()
