@@ -121,6 +121,9 @@ class KernelCost:
 
     @property
     def bound(self) -> str:
+        """What limits this kernel: compute, memory, or its launch overhead."""
+        if max(self.compute_s, self.hbm_s) < self.launch_s:
+            return "launch"
         return "compute" if self.compute_s >= self.hbm_s else "memory"
 
 
