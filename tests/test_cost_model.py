@@ -51,14 +51,16 @@ def test_contraction_flops_match_xla(fn, shapes):
 
 def test_elementwise_program_is_memory_bound_and_counts_bytes():
     chip = chips.get("mtia450")
-    x = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)
+    x = jax.ShapeDtypeStruct((4096, 4096), jnp.float32)
     compiled = mtia_jax.jit(lambda x: x * 2.0, chip="mtia450").lower(x).compile()
     cost = compiled.cost_analysis()
-    nbytes = 2 * 1024 * 1024 * 4  # read x, write the result; the scalar is an immediate
+    nbytes = 2 * 4096 * 4096 * 4  # read x, write the result; the scalar is an immediate
     assert cost["hbm_bytes"] == nbytes
-    assert cost["flops"] == 1024 * 1024
+    assert cost["flops"] == 4096 * 4096
     assert cost["time_s"] == pytest.approx(nbytes / chip.hbm_bandwidth + chip.kernel_launch_s)
     assert compiled.cost.kernels[0].bound == "memory"
+    small = mtia_jax.jit(lambda x: x * 2.0).lower(jax.ShapeDtypeStruct((8,), jnp.float32)).compile()
+    assert small.cost.kernels[0].bound == "launch"
 
 
 def test_transcendentals_counted_like_xla():
