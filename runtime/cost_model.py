@@ -22,63 +22,12 @@ of the bytes of their operands and results.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
-
 import numpy as np
 
 from lowering.ir import Module, Op
 from lowering.op_kinds import KIND_CATEGORY, NO_KERNEL
+from runtime.op_work import work_of
 from mtia_jax.chips import ChipSpec
-
-@dataclasses.dataclass(frozen=True)
-class OpWork:
-    """What an op asks of the hardware, independent of any chip."""
-
-    flops: float = 0.0
-    transcendentals: float = 0.0
-    engine: str = "vector"  # "matrix" or "vector"
-    dtype: np.dtype | None = None
-
-
-def _operand_dtype(op: Op) -> np.dtype:
-    return (op.operands[0] if op.operands else op.results[0]).type.dtype
-
-
-def _elementwise_work(op: Op) -> OpWork:
-    return OpWork(flops=op.results[0].type.size, dtype=_operand_dtype(op))
-
-
-def _transcendental_work(op: Op) -> OpWork:
-    return OpWork(transcendentals=op.results[0].type.size, dtype=_operand_dtype(op))
-
-
-def _reduction_work(op: Op) -> OpWork:
-    return OpWork(flops=op.operands[0].type.size, dtype=_operand_dtype(op))
-
-
-def _contraction_work(op: Op) -> OpWork:
-    lhs, rhs = op.operands
-    (lhs_contract, _), (lhs_batch, _) = op.params["dimension_numbers"]
-    contract = int(np.prod([lhs.type.shape[d] for d in lhs_contract], dtype=np.int64))
-    # output elements x contraction length multiply-adds, 2 FLOPs each
-    return OpWork(flops=2.0 * op.results[0].type.size * contract,
-                  engine="matrix", dtype=lhs.type.dtype)
-
-
-def _no_work(op: Op) -> OpWork:
-    return OpWork()
-
-
-WORK_RULES: dict[str, Callable[[Op], OpWork]] = {
-    "elementwise": _elementwise_work,
-    "transcendental": _transcendental_work,
-    "reduction": _reduction_work,
-    "contraction": _contraction_work,
-    "data_movement": _no_work,
-    "view": _no_work,
-    "constant": _no_work,
-}
-
 
 def category(op: Op) -> str:
     try:
@@ -145,7 +94,7 @@ class ProgramCost:
 
 
 def kernel_cost(op: Op, index: int, start_s: float, chip: ChipSpec) -> KernelCost:
-    work = WORK_RULES[category(op)](op)
+    work = work_of(op)
     accessed = sum(v.type.nbytes for v in (*op.operands, *op.results))
     hbm = sum(v.type.nbytes for v in (*op.operands, *op.results) if not _is_immediate(v))
     if work.engine == "matrix":
