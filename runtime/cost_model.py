@@ -63,6 +63,7 @@ class KernelCost:
     hbm_s: float
     launch_s: float
     start_s: float
+    stream: str = "compute"  # "compute", "dma", "network" or "host"
 
     @property
     def time_s(self) -> float:
@@ -97,6 +98,8 @@ def kernel_cost(op: Op, index: int, start_s: float, chip: ChipSpec) -> KernelCos
     work = work_of(op)
     accessed = sum(v.type.nbytes for v in (*op.operands, *op.results))
     hbm = sum(v.type.nbytes for v in (*op.operands, *op.results) if not _is_immediate(v))
+    if work.engine == "host":
+        return _host_round_trip(op, index, start_s, chip, work, float(accessed), float(hbm))
     if work.engine == "matrix":
         peak = chip.matmul_peak(work.dtype)
     else:
@@ -109,6 +112,21 @@ def kernel_cost(op: Op, index: int, start_s: float, chip: ChipSpec) -> KernelCos
         bytes_accessed=float(accessed), hbm_bytes=float(hbm),
         compute_s=compute, hbm_s=hbm / chip.hbm_bandwidth,
         launch_s=chip.kernel_launch_s, start_s=start_s,
+    )
+
+
+def _host_round_trip(op: Op, index: int, start_s: float, chip: ChipSpec, work,
+                     accessed: float, hbm: float) -> KernelCost:
+    """An op with no MTIA kernel: operands go to the host over the host link,
+    the host computes, results come back. Modeled: both transfers at the host
+    link's bandwidth plus one latency each way; host compute time is not
+    modeled (it depends on the host CPU, not the chip)."""
+    transfer = accessed / chip.host_link_bandwidth + 2 * chip.host_link_latency_s
+    return KernelCost(
+        index=index, kind=op.kind, source=str(op.source) if op.source else "",
+        flops=work.flops, transcendentals=work.transcendentals,
+        bytes_accessed=accessed, hbm_bytes=hbm, compute_s=0.0, hbm_s=transfer,
+        launch_s=chip.kernel_launch_s, start_s=start_s, stream="host",
     )
 
 

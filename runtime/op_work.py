@@ -22,7 +22,7 @@ class OpWork:
 
     flops: float = 0.0
     transcendentals: float = 0.0
-    engine: str = "vector"  # "matrix" or "vector"
+    engine: str = "vector"  # "matrix", "vector", or "host" (runs on the host CPU)
     dtype: np.dtype | None = None
 
 
