@@ -16,6 +16,7 @@ from jax._src import source_info_util
 from mtia_jax.errors import UnsupportedOperationError
 from lowering.ir import Module, Op, SourceLoc, TensorType, Value
 from lowering.op_kinds import GENERIC_PRIMITIVES
+from lowering import regions
 
 # ------------------------------------------------------------- primitives
 # Generic ops (``lowering.op_kinds.GENERIC_PRIMITIVES``): one op per
@@ -61,6 +62,7 @@ def _inline_rule(builder: "Builder", eqn: jcore.JaxprEqn, operands: list[Value])
 IMPORT_RULES: dict[str, Rule] = {
     **{name: _generic_rule for name in GENERIC_PRIMITIVES},
     **{name: _inline_rule for name in CALL_PRIMITIVES},
+    **regions.IMPORT_RULES,
 }
 
 
@@ -85,6 +87,14 @@ class Builder:
         result = Value(TensorType(array.shape, array.dtype))
         self.emit(Op("constant", [], [result], {"value": array}, self.current_source))
         return result
+
+    def import_region(self, closed: jcore.ClosedJaxpr, name: str) -> Module:
+        """A nested function (a region op's body) with its own parameters."""
+        inner = Builder()
+        inner.current_source = self.current_source
+        params = [self.new_value(v.aval) for v in closed.jaxpr.invars]
+        outputs = inner.import_jaxpr(closed.jaxpr, closed.consts, params)
+        return Module(name=name, params=params, ops=inner.ops, outputs=outputs)
 
     def import_jaxpr(self, jaxpr: jcore.Jaxpr, consts: Sequence, args: Sequence[Value]) -> list[Value]:
         env: dict[jcore.Var, Value] = {}
@@ -121,10 +131,7 @@ def source_of(eqn: jcore.JaxprEqn) -> SourceLoc | None:
 
 def import_closed_jaxpr(closed: jcore.ClosedJaxpr, name: str = "main") -> Module:
     """Build an MTIA IR module equivalent to ``closed``."""
-    builder = Builder()
-    params = [builder.new_value(v.aval) for v in closed.jaxpr.invars]
-    outputs = builder.import_jaxpr(closed.jaxpr, closed.consts, params)
-    return Module(name=name, params=params, ops=builder.ops, outputs=outputs)
+    return Builder().import_region(closed, name)
 
 
 def supported_primitives() -> list[str]:

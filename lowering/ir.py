@@ -96,6 +96,8 @@ class Op:
     results: list[Value]
     attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
     source: SourceLoc | None = None
+    # nested functions of region ops (scan body, while cond/body, cond branches)
+    regions: dict[str, "Module"] = dataclasses.field(default_factory=dict)
 
     @property
     def primitive(self):
@@ -125,28 +127,32 @@ class Module:
 # ---------------------------------------------------------------- printing
 
 def print_module(module: Module) -> str:
-    names: dict[Value, str] = {}
+    return "\n".join(_module_lines(module, {}, ""))
 
+
+def _module_lines(module: Module, names: dict[Value, str], indent: str) -> list[str]:
     def name(v: Value) -> str:
         if v not in names:
             names[v] = f"%{len(names)}"
         return names[v]
 
     params = ", ".join(f"{name(p)}: {p.type}" for p in module.params)
-    lines = [f"func @{module.name}({params}) {{"]
+    lines = [f"{indent}func @{module.name}({params}) {{"]
     for op in module.ops:
         results = ", ".join(name(r) for r in op.results)
         operands = ", ".join(name(o) for o in op.operands)
         attrs = _format_attrs(op)
         types = ", ".join(str(r.type) for r in op.results)
-        text = f"  {results} = {op.kind}({operands}){attrs} : {types}"
+        text = f"{indent}  {results} = {op.kind}({operands}){attrs} : {types}"
         if op.source is not None:
             text += f"  # {op.source}"
         lines.append(text)
+        for region in op.regions.values():
+            lines.extend(_module_lines(region, names, indent + "    "))
     outs = ", ".join(name(o) for o in module.outputs)
-    lines.append(f"  return {outs}")
-    lines.append("}")
-    return "\n".join(lines)
+    lines.append(f"{indent}  return {outs}")
+    lines.append(f"{indent}}}")
+    return lines
 
 
 def _format_attrs(op: Op) -> str:

@@ -142,20 +142,19 @@ class Lowered:
             raise HBMCapacityError(
                 self.chip.name, memory.peak_bytes, self.chip.hbm_bytes,
                 [(b.what, b.nbytes, b.source) for b in memory.largest()])
-        cost = program_cost(module, self.chip)
         executor = EXECUTORS[self.mode](module, donate_argnums=sorted(self.donated))
-        return Compiled(module, self.chip, cost, memory, executor, self.in_tree, self.out_tree)
+        return Compiled(module, self.chip, memory, executor, self.in_tree, self.out_tree)
 
 
 class Compiled:
     """A compiled program: callable on the host, with a modeled cost."""
 
-    def __init__(self, module: Module, chip, cost: ProgramCost, memory: MemoryPlan,
-                 executor, in_tree, out_tree):
+    def __init__(self, module: Module, chip, memory: MemoryPlan, executor, in_tree, out_tree):
         self.module = module
         self.chip = chip
-        self.cost = cost
         self.memory = memory
+        self._static_cost = program_cost(module, chip)
+        self._trip_counts = None  # while-loop trip counts of the last call (device arrays)
         self._executor = executor
         self.in_tree = in_tree
         self.out_tree = out_tree
@@ -169,7 +168,18 @@ class Compiled:
         return self.call_flat(leaves)
 
     def call_flat(self, leaves: Sequence):
-        return tree_util.tree_unflatten(self.out_tree, self._executor(*leaves))
+        outs, trip_counts = self._executor(*leaves)
+        if trip_counts:
+            self._trip_counts = trip_counts
+        return tree_util.tree_unflatten(self.out_tree, outs)
+
+    @property
+    def cost(self) -> ProgramCost:
+        """The modeled cost; while loops use the trip counts of the last call."""
+        if self._trip_counts is None:
+            return self._static_cost
+        counts = {path: float(n) for path, n in self._trip_counts.items()}
+        return program_cost(self.module, self.chip, counts)
 
     def as_text(self) -> str:
         """The final MTIA IR after all passes."""
@@ -193,6 +203,9 @@ class Compiled:
             "efficiency": cost.roofline_time_s / time if time > 0 else 1.0,
             "peak_hbm_bytes": float(self.memory.peak_bytes),
             "kernels": float(len(cost.kernels)),
+            # while loops whose trip count is assumed (1 per execution) because
+            # the program has not run yet
+            "unmeasured_loops": float(len(cost.assumed_loops)),
         }
 
     def memory_analysis(self) -> MemoryPlan:
@@ -204,7 +217,7 @@ class Compiled:
                 f"{'#':>4} {'kernel':<22} {'modeled us':>11} {'bound':<8} {'GFLOP':>9} "
                 f"{'HBM MB':>9}  source"]
         for k in self.cost.kernels:
-            rows.append(f"{k.index:>4} {k.kind:<22} {k.time_s * 1e6:>11.3f} {k.bound:<8} "
+            rows.append(f"{k.path:>4} {k.kind:<22} {k.time_s * 1e6:>11.3f} {k.bound:<8} "
                         f"{k.flops / 1e9:>9.4f} {k.hbm_bytes / 1e6:>9.3f}  {k.source}")
         rows.append(f"total modeled {self.cost.time_s * 1e6:.3f} us, roofline "
                     f"{self.cost.roofline_time_s * 1e6:.3f} us")

@@ -6,7 +6,11 @@ Cost model v0. Every op that is a kernel on the device gets
     compute = FLOPs / peak FLOP/s of the engine that runs it, for its dtype
     hbm     = bytes moved between HBM and the chip / HBM bandwidth
 
-and the kernels run one after another. The engine is the matrix engine (Dot
+and the kernels run one after another. A kernel inside a region op (a scan
+body, a while loop, a cond branch) is charged once per execution of its
+region: ``length`` times per scan, the measured trip count of a while loop
+(see ``runtime.executor``; one trip per execution is assumed until the
+program has run), and the costliest branch of a cond. The engine is the matrix engine (Dot
 Product Engine) for contractions and the vector units for everything else.
 Every constant comes from the chip catalogue (``mtia_jax.chips``), which
 cites its source. The rules are a table keyed by op kind.
@@ -22,14 +26,19 @@ of the bytes of their operands and results.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Mapping
+
 import numpy as np
 
 from lowering.ir import Module, Op
 from lowering.op_kinds import KIND_CATEGORY, NO_KERNEL
-from runtime.op_work import work_of
 from mtia_jax.chips import ChipSpec
+from runtime.op_work import work_of
+
 
 def category(op: Op) -> str:
+    if op.regions:
+        return "region"
     try:
         return KIND_CATEGORY[op.kind]
     except KeyError:
@@ -38,23 +47,29 @@ def category(op: Op) -> str:
 
 
 def is_kernel(op: Op) -> bool:
-    return category(op) not in NO_KERNEL
+    return category(op) not in NO_KERNEL | {"region"}
 
 
-def _is_immediate(op_value) -> bool:
+def _is_immediate(value) -> bool:
     # scalars travel as kernel arguments, not through HBM
-    return op_value.type.size == 1
+    return value.type.size == 1
 
 
 # ---------------------------------------------------------------- results
 
 @dataclasses.dataclass(frozen=True)
 class KernelCost:
-    """The modeled cost of one kernel."""
+    """The modeled cost of one kernel, over all its executions in one call.
 
-    index: int
+    ``path`` locates the op: ``"12"`` is op 12 of the program, ``"3/body/5"``
+    op 5 of the body of region op 3. Counts and times are totals over
+    ``count`` executions.
+    """
+
+    path: str
     kind: str
     source: str
+    count: float
     flops: float
     transcendentals: float
     bytes_accessed: float
@@ -62,7 +77,7 @@ class KernelCost:
     compute_s: float
     hbm_s: float
     launch_s: float
-    start_s: float
+    start_s: float = 0.0
     stream: str = "compute"  # "compute", "dma", "network" or "host"
 
     @property
@@ -76,6 +91,14 @@ class KernelCost:
             return "launch"
         return "compute" if self.compute_s >= self.hbm_s else "memory"
 
+    def times(self, n: float) -> "KernelCost":
+        """The same kernel executed ``n`` times as often."""
+        return dataclasses.replace(
+            self, count=self.count * n, flops=self.flops * n,
+            transcendentals=self.transcendentals * n, bytes_accessed=self.bytes_accessed * n,
+            hbm_bytes=self.hbm_bytes * n, compute_s=self.compute_s * n, hbm_s=self.hbm_s * n,
+            launch_s=self.launch_s * n)
+
 
 @dataclasses.dataclass(frozen=True)
 class ProgramCost:
@@ -85,6 +108,7 @@ class ProgramCost:
     kernels: tuple[KernelCost, ...]
     roofline_time_s: float
     min_hbm_bytes: float
+    assumed_loops: tuple[str, ...] = ()  # while loops whose trip count was not measured
 
     @property
     def time_s(self) -> float:
@@ -94,51 +118,93 @@ class ProgramCost:
         return float(sum(getattr(k, field) for k in self.kernels))
 
 
-def kernel_cost(op: Op, index: int, start_s: float, chip: ChipSpec) -> KernelCost:
+def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
+    """One execution of ``op`` on ``chip``."""
     work = work_of(op)
-    accessed = sum(v.type.nbytes for v in (*op.operands, *op.results))
-    hbm = sum(v.type.nbytes for v in (*op.operands, *op.results) if not _is_immediate(v))
+    accessed = float(sum(v.type.nbytes for v in (*op.operands, *op.results)))
+    hbm = float(sum(v.type.nbytes for v in (*op.operands, *op.results) if not _is_immediate(v)))
+    common = dict(path=path, kind=op.kind, source=str(op.source) if op.source else "", count=1.0,
+                  flops=work.flops, transcendentals=work.transcendentals,
+                  bytes_accessed=accessed, hbm_bytes=hbm, launch_s=chip.kernel_launch_s)
     if work.engine == "host":
-        return _host_round_trip(op, index, start_s, chip, work, float(accessed), float(hbm))
+        # No MTIA kernel: operands go to the host over the host link and the
+        # results come back, one latency each way. Host compute time is not
+        # modeled (it depends on the host CPU, not the chip).
+        transfer = accessed / chip.host_link_bandwidth + 2 * chip.host_link_latency_s
+        return KernelCost(**common, compute_s=0.0, hbm_s=transfer, stream="host")
     if work.engine == "matrix":
         peak = chip.matmul_peak(work.dtype)
     else:
         peak = chip.vector_peak(work.dtype) if work.dtype is not None else np.inf
     # the special-function unit is modeled at the vector rate, one op per element
     compute = (work.flops + work.transcendentals) / peak
-    return KernelCost(
-        index=index, kind=op.kind, source=str(op.source) if op.source else "",
-        flops=work.flops, transcendentals=work.transcendentals,
-        bytes_accessed=float(accessed), hbm_bytes=float(hbm),
-        compute_s=compute, hbm_s=hbm / chip.hbm_bandwidth,
-        launch_s=chip.kernel_launch_s, start_s=start_s,
-    )
+    return KernelCost(**common, compute_s=compute, hbm_s=hbm / chip.hbm_bandwidth)
 
 
-def _host_round_trip(op: Op, index: int, start_s: float, chip: ChipSpec, work,
-                     accessed: float, hbm: float) -> KernelCost:
-    """An op with no MTIA kernel: operands go to the host over the host link,
-    the host computes, results come back. Modeled: both transfers at the host
-    link's bandwidth plus one latency each way; host compute time is not
-    modeled (it depends on the host CPU, not the chip)."""
-    transfer = accessed / chip.host_link_bandwidth + 2 * chip.host_link_latency_s
-    return KernelCost(
-        index=index, kind=op.kind, source=str(op.source) if op.source else "",
-        flops=work.flops, transcendentals=work.transcendentals,
-        bytes_accessed=accessed, hbm_bytes=hbm, compute_s=0.0, hbm_s=transfer,
-        launch_s=chip.kernel_launch_s, start_s=start_s, stream="host",
-    )
+# ------------------------------------------------------------ region ops
+
+class _Walk:
+    """Collects the kernels of a module and its regions, with multiplicities."""
+
+    def __init__(self, chip: ChipSpec, trip_counts: Mapping[str, float]):
+        self.chip = chip
+        self.trip_counts = trip_counts
+        self.kernels: list[KernelCost] = []
+        self.assumed_loops: list[str] = []
+
+    def module(self, module: Module, executions: float, prefix: str) -> None:
+        for i, op in enumerate(module.ops):
+            path = f"{prefix}{i}"
+            if op.regions:
+                for name, n in REGION_EXECUTIONS[op.kind](self, op, executions, path).items():
+                    if n > 0:
+                        self.module(op.regions[name], n, f"{path}/{name}/")
+            elif is_kernel(op) and executions > 0:
+                self.kernels.append(kernel_cost(op, path, self.chip).times(executions))
+
+    def region_time(self, region: Module, executions: float, prefix: str) -> float:
+        probe = _Walk(self.chip, self.trip_counts)
+        probe.module(region, executions, prefix)
+        return sum(k.time_s for k in probe.kernels)
 
 
-def program_cost(module: Module, chip: ChipSpec) -> ProgramCost:
-    """Model every kernel of ``module`` on ``chip``, run back to back."""
-    kernels = []
-    clock = 0.0
-    for index, op in enumerate(module.ops):
-        if not is_kernel(op):
-            continue
-        k = kernel_cost(op, index, clock, chip)
-        kernels.append(k)
+def _scan_executions(walk: _Walk, op: Op, executions: float, path: str) -> dict[str, float]:
+    return {"body": executions * op.params["length"]}
+
+
+def _while_executions(walk: _Walk, op: Op, executions: float, path: str) -> dict[str, float]:
+    trips = walk.trip_counts.get(path)
+    if trips is None:
+        walk.assumed_loops.append(path)
+        trips = executions  # one trip per execution until measured
+    return {"cond": trips + executions, "body": trips}
+
+
+def _cond_executions(walk: _Walk, op: Op, executions: float, path: str) -> dict[str, float]:
+    costliest = max(op.regions, key=lambda name: walk.region_time(
+        op.regions[name], executions, f"{path}/{name}/"))
+    return {name: executions if name == costliest else 0.0 for name in op.regions}
+
+
+# region-op kind -> how many times each of its regions runs
+REGION_EXECUTIONS: dict[str, Callable[[_Walk, Op, float, str], dict[str, float]]] = {
+    "scan": _scan_executions,
+    "while": _while_executions,
+    "cond": _cond_executions,
+}
+
+
+def program_cost(module: Module, chip: ChipSpec,
+                 trip_counts: Mapping[str, float] | None = None) -> ProgramCost:
+    """Model every kernel of ``module`` on ``chip``, run back to back.
+
+    ``trip_counts`` maps while-op paths to measured total trip counts.
+    """
+    walk = _Walk(chip, trip_counts or {})
+    walk.module(module, 1.0, "")
+    clock, kernels = 0.0, []
+    for k in walk.kernels:
+        kernels.append(dataclasses.replace(k, start_s=clock))
         clock += k.time_s
     # Roofline: the physical lower bound. All arithmetic at peak, and only the
     # program's own inputs and outputs cross HBM, each exactly once.
@@ -146,5 +212,5 @@ def program_cost(module: Module, chip: ChipSpec) -> ProgramCost:
     io_values = {*module.params, *module.outputs}
     min_bytes = float(sum(v.type.nbytes for v in io_values))
     roofline = max(compute_floor, min_bytes / chip.hbm_bandwidth)
-    return ProgramCost(chip=chip.name, kernels=tuple(kernels),
-                       roofline_time_s=roofline, min_hbm_bytes=min_bytes)
+    return ProgramCost(chip=chip.name, kernels=tuple(kernels), roofline_time_s=roofline,
+                       min_hbm_bytes=min_bytes, assumed_loops=tuple(walk.assumed_loops))

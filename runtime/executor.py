@@ -1,9 +1,15 @@
 """Host numerics: run an MTIA IR module for real on the host through XLA.
 
 The module is re-emitted as a JAX function (each generic op binds its JAX
-primitive; MTIA-specific ops run their reference implementation). Graph mode
-``jax.jit``s that function once, so calls cost what ``jax.jit`` costs. Eager
-mode dispatches kernel by kernel, for debugging.
+primitive; region ops become ``lax.scan`` / ``lax.while_loop`` /
+``lax.switch`` over their re-emitted bodies). Graph mode ``jax.jit``s that
+function once, so calls cost what ``jax.jit`` costs. Eager mode dispatches
+kernel by kernel, for debugging.
+
+Every ``while`` op gets a trip counter in the emitted program: the host
+function returns, next to the outputs, the total number of body executions of
+each while loop (keyed by its path, e.g. ``"4"`` or ``"2/body/7"``), so the
+modeled time of data-dependent loops uses the real count.
 """
 
 from __future__ import annotations
@@ -11,10 +17,14 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
+from jax import lax
 
 from lowering.ir import Module, Op, Value
 
+Counts = dict[str, Any]  # while-op path -> int32 total trips
 EmitRule = Callable[[Op, list[Any]], list[Any]]
+RegionEmitRule = Callable[[Op, list[Any], str], tuple[list[Any], Counts]]
 
 
 def _emit_generic(op: Op, args: list[Any]) -> list[Any]:
@@ -36,15 +46,116 @@ def emit_op(op: Op, args: list[Any]) -> list[Any]:
     return EMIT_RULES.get(op.kind, _emit_generic)(op, args)
 
 
-def host_function(module: Module) -> Callable[..., list[Any]]:
-    """A JAX function computing ``module``'s outputs from its flat inputs."""
+# ------------------------------------------------------------ region ops
+
+def counted_loops(module: Module, path: str = "") -> list[str]:
+    """Paths of the while ops whose trip counts the host program returns.
+
+    Loops nested in a while's condition are not counted (a condition cannot
+    carry state); the cost model assumes one trip per execution for them.
+    """
+    paths = []
+    for i, op in enumerate(module.ops):
+        here = f"{path}{i}"
+        if op.kind == "while":
+            paths.append(here)
+        for name, region in op.regions.items():
+            if not (op.kind == "while" and name == "cond"):
+                paths.extend(counted_loops(region, f"{here}/{name}/"))
+    return paths
+
+
+def _zeros(paths: Sequence[str]) -> Counts:
+    return {p: jnp.zeros((), jnp.int32) for p in paths}
+
+
+def _add(total: Counts, more: Counts) -> Counts:
+    return {p: total[p] + more.get(p, 0) for p in total}
+
+
+def _emit_scan(op: Op, args: list[Any], path: str) -> tuple[list[Any], Counts]:
+    params = op.params
+    n_consts, n_carry = params["num_consts"], params["num_carry"]
+    consts, init, xs = args[:n_consts], args[n_consts:n_consts + n_carry], args[n_consts + n_carry:]
+    body_path = f"{path}/body/"
+    body = host_function(op.regions["body"], body_path)
+    loops = counted_loops(op.regions["body"], body_path)
+
+    def step(carry, x):
+        counts, values = carry
+        outs, inner = body(*consts, *values, *x)
+        return (_add(counts, inner), outs[:n_carry]), outs[n_carry:]
+
+    (counts, carry), ys = lax.scan(step, (_zeros(loops), list(init)), list(xs),
+                                   length=params["length"], reverse=params["reverse"],
+                                   unroll=params["unroll"])
+    return [*carry, *ys], counts
+
+
+def _emit_while(op: Op, args: list[Any], path: str) -> tuple[list[Any], Counts]:
+    params = op.params
+    n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+    cond_consts, body_consts, init = args[:n_cond], args[n_cond:n_cond + n_body], args[n_cond + n_body:]
+    cond = host_function(op.regions["cond"], f"{path}/cond/")
+    body_path = f"{path}/body/"
+    body = host_function(op.regions["body"], body_path)
+    loops = counted_loops(op.regions["body"], body_path)
+
+    def keep_going(state):
+        _, _, values = state
+        return cond(*cond_consts, *values)[0][0]
+
+    def iterate(state):
+        trips, counts, values = state
+        outs, inner = body(*body_consts, *values)
+        return trips + 1, _add(counts, inner), outs
+
+    trips, counts, carry = lax.while_loop(
+        keep_going, iterate, (jnp.zeros((), jnp.int32), _zeros(loops), list(init)))
+    return carry, {**counts, path: trips}
+
+
+def _emit_cond(op: Op, args: list[Any], path: str) -> tuple[list[Any], Counts]:
+    index, operands = args[0], args[1:]
+    names = sorted(op.regions, key=lambda n: int(n.removeprefix("branch")))
+    loops = [p for n in names for p in counted_loops(op.regions[n], f"{path}/{n}/")]
+
+    def branch(name):
+        fn = host_function(op.regions[name], f"{path}/{name}/")
+
+        def run(*xs):
+            outs, inner = fn(*xs)
+            return outs, _add(_zeros(loops), inner)
+        return run
+
+    outs, counts = lax.switch(index, [branch(n) for n in names], *operands)
+    return list(outs), counts
+
+
+REGION_EMIT_RULES: dict[str, RegionEmitRule] = {
+    "scan": _emit_scan,
+    "while": _emit_while,
+    "cond": _emit_cond,
+}
+
+
+# ------------------------------------------------------------ functions
+
+def host_function(module: Module, path: str = "") -> Callable[..., tuple[list[Any], Counts]]:
+    """A JAX function: flat inputs -> (outputs, while-loop trip counts)."""
 
     def run(*flat_args):
         env: dict[Value, Any] = dict(zip(module.params, flat_args, strict=True))
-        for op in module.ops:
-            outs = emit_op(op, [env[v] for v in op.operands])
+        counts: Counts = {}
+        for i, op in enumerate(module.ops):
+            args = [env[v] for v in op.operands]
+            if op.regions:
+                outs, inner = REGION_EMIT_RULES[op.kind](op, args, f"{path}{i}")
+                counts.update(inner)
+            else:
+                outs = emit_op(op, args)
             env.update(zip(op.results, outs, strict=True))
-        return [env[v] for v in module.outputs]
+        return [env[v] for v in module.outputs], counts
 
     run.__name__ = module.name
     return run
@@ -56,7 +167,7 @@ class GraphExecutor:
     def __init__(self, module: Module, donate_argnums: Sequence[int] = ()):
         self._fn = jax.jit(host_function(module), donate_argnums=tuple(donate_argnums))
 
-    def __call__(self, *flat_args) -> list[Any]:
+    def __call__(self, *flat_args) -> tuple[list[Any], Counts]:
         return self._fn(*flat_args)
 
 
@@ -67,8 +178,9 @@ class EagerExecutor:
     def __init__(self, module: Module, donate_argnums: Sequence[int] = ()):
         self._run = host_function(module)
 
-    def __call__(self, *flat_args) -> list[Any]:
-        return [jax.numpy.asarray(out) for out in self._run(*flat_args)]
+    def __call__(self, *flat_args) -> tuple[list[Any], Counts]:
+        outs, counts = self._run(*flat_args)
+        return [jnp.asarray(out) for out in outs], counts
 
 
 EXECUTORS = {"graph": GraphExecutor, "eager": EagerExecutor}

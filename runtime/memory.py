@@ -64,7 +64,7 @@ def plan_memory(module: Module, donated: frozenset[int] = frozenset()) -> Memory
         if i not in donated:
             last_use[p] = n_ops
 
-    buffers = []
+    buffers = [_region_scratch(op, index) for index, op in enumerate(module.ops) if op.regions]
     for v, start in defined_at.items():
         if v.type.size <= 1 and start == -1 and v not in module.params:
             continue  # scalar constants are immediates
@@ -72,6 +72,18 @@ def plan_memory(module: Module, donated: frozenset[int] = frozenset()) -> Memory
         what, source = described[v]
         buffers.append(Buffer(what, v.type.nbytes, source, start, end))
 
+    return _sweep(buffers, n_ops)
+
+
+def _region_scratch(op, index: int) -> Buffer:
+    """While a region op runs, its costliest region's own intermediates are
+    live too (its parameters alias the op's operands)."""
+    scratch = max(plan_memory(r).peak_bytes - sum(p.type.nbytes for p in r.params)
+                  for r in op.regions.values())
+    return Buffer(f"{op.kind} scratch", max(scratch, 0), op.source, index, index)
+
+
+def _sweep(buffers: list[Buffer], n_ops: int) -> MemoryPlan:
     # sweep over steps (step = op index + 1): a buffer is live from the op
     # that defines it through the last op that uses it, inclusive
     delta = [0] * (n_ops + 3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from lowering.ir import Module
 
 
@@ -10,6 +12,8 @@ def run(module: Module, ctx=None) -> Module:
     kept = []
     for op in reversed(module.ops):
         if any(r in live for r in op.results):
+            if op.regions:
+                op = dataclasses.replace(op, regions={k: run(r, ctx) for k, r in op.regions.items()})
             kept.append(op)
             live.update(op.operands)
     kept.reverse()
