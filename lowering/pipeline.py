@@ -13,9 +13,9 @@ from types import ModuleType
 from typing import Any
 
 from lowering.ir import Module
-from lowering.passes import dce
+from lowering.passes import canonicalize
 
-PASSES: tuple[ModuleType, ...] = (dce,)
+PASSES: tuple[ModuleType, ...] = (canonicalize,)
 
 
 @dataclasses.dataclass(frozen=True)
