@@ -13,9 +13,9 @@ from types import ModuleType
 from typing import Any
 
 from lowering.ir import Module
-from lowering.passes import canonicalize
+from lowering.passes import canonicalize, fusion
 
-PASSES: tuple[ModuleType, ...] = (canonicalize,)
+PASSES: tuple[ModuleType, ...] = (canonicalize, fusion)
 
 
 @dataclasses.dataclass(frozen=True)

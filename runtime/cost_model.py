@@ -37,6 +37,8 @@ from runtime.op_work import work_of
 
 
 def category(op: Op) -> str:
+    if op.kind == "fused_kernel":
+        return "fused"
     if op.regions:
         return "region"
     try:
@@ -118,26 +120,53 @@ class ProgramCost:
         return float(sum(getattr(k, field) for k in self.kernels))
 
 
-def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
-    """One execution of ``op`` on ``chip``."""
-    work = work_of(op)
-    accessed = float(sum(v.type.nbytes for v in (*op.operands, *op.results)))
-    hbm = float(sum(v.type.nbytes for v in (*op.operands, *op.results) if not _is_immediate(v)))
-    common = dict(path=path, kind=op.kind, source=str(op.source) if op.source else "", count=1.0,
-                  flops=work.flops, transcendentals=work.transcendentals,
-                  bytes_accessed=accessed, hbm_bytes=hbm, launch_s=chip.kernel_launch_s)
-    if work.engine == "host":
-        # No MTIA kernel: operands go to the host over the host link and the
-        # results come back, one latency each way. Host compute time is not
-        # modeled (it depends on the host CPU, not the chip).
-        transfer = accessed / chip.host_link_bandwidth + 2 * chip.host_link_latency_s
-        return KernelCost(**common, compute_s=0.0, hbm_s=transfer, stream="host")
+def _engine_time(work, chip: ChipSpec) -> float:
     if work.engine == "matrix":
         peak = chip.matmul_peak(work.dtype)
     else:
         peak = chip.vector_peak(work.dtype) if work.dtype is not None else np.inf
     # the special-function unit is modeled at the vector rate, one op per element
-    compute = (work.flops + work.transcendentals) / peak
+    return (work.flops + work.transcendentals) / peak
+
+
+def _fused_work(op: Op, chip: ChipSpec) -> tuple[float, float, float]:
+    """(flops, transcendentals, compute seconds) of a fused kernel's body.
+
+    The matrix engine and the vector units work concurrently on the tiles of
+    one kernel, so compute time is the busier engine's time.
+    """
+    per_engine: dict[str, float] = {}
+    flops = transcendentals = 0.0
+    for inner in op.regions["body"].ops:
+        work = work_of(inner)
+        flops += work.flops
+        transcendentals += work.transcendentals
+        per_engine[work.engine] = per_engine.get(work.engine, 0.0) + _engine_time(work, chip)
+    return flops, transcendentals, max(per_engine.values(), default=0.0)
+
+
+def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
+    """One execution of ``op`` on ``chip``."""
+    io = (*op.operands, *op.results)
+    accessed = float(sum(v.type.nbytes for v in io))
+    hbm = float(sum(v.type.nbytes for v in io if not _is_immediate(v)))
+    if op.kind == "fused_kernel":
+        kind = f"fused_kernel[{op.attrs['ops']}]"
+        flops, transcendentals, compute = _fused_work(op, chip)
+        engine = "fused"
+    else:
+        work = work_of(op)
+        kind, flops, transcendentals, engine = op.kind, work.flops, work.transcendentals, work.engine
+        compute = 0.0 if engine == "host" else _engine_time(work, chip)
+    common = dict(path=path, kind=kind, source=str(op.source) if op.source else "", count=1.0,
+                  flops=flops, transcendentals=transcendentals, bytes_accessed=accessed,
+                  hbm_bytes=hbm, launch_s=chip.kernel_launch_s)
+    if engine == "host":
+        # No MTIA kernel: operands go to the host over the host link and the
+        # results come back, one latency each way. Host compute time is not
+        # modeled (it depends on the host CPU, not the chip).
+        transfer = accessed / chip.host_link_bandwidth + 2 * chip.host_link_latency_s
+        return KernelCost(**common, compute_s=0.0, hbm_s=transfer, stream="host")
     return KernelCost(**common, compute_s=compute, hbm_s=hbm / chip.hbm_bandwidth)
 
 
@@ -155,7 +184,7 @@ class _Walk:
     def module(self, module: Module, executions: float, prefix: str) -> None:
         for i, op in enumerate(module.ops):
             path = f"{prefix}{i}"
-            if op.regions:
+            if op.regions and not is_kernel(op):
                 for name, n in REGION_EXECUTIONS[op.kind](self, op, executions, path).items():
                     if n > 0:
                         self.module(op.regions[name], n, f"{path}/{name}/")

@@ -132,7 +132,13 @@ def _emit_cond(op: Op, args: list[Any], path: str) -> tuple[list[Any], Counts]:
     return list(outs), counts
 
 
+def _emit_fused(op: Op, args: list[Any], path: str) -> tuple[list[Any], Counts]:
+    # the body's ops run in order inside the one host program; XLA fuses them
+    return host_function(op.regions["body"], f"{path}/body/")(*args)
+
+
 REGION_EMIT_RULES: dict[str, RegionEmitRule] = {
+    "fused_kernel": _emit_fused,
     "scan": _emit_scan,
     "while": _emit_while,
     "cond": _emit_cond,

@@ -2,7 +2,8 @@
 
 Buffers are the program's parameters, its non-scalar constants and the
 results of kernels. A view op (reshape, squeeze, ...) aliases its operand's
-buffer. Parameters stay alive for the whole call (the caller owns them)
+buffer, and an elementwise kernel writes its result in place over an
+operand buffer of the same size that is not needed afterwards. Parameters stay alive for the whole call (the caller owns them)
 unless donated, in which case they die after their last use like any
 intermediate. Outputs stay alive to the end.
 """
@@ -35,42 +36,62 @@ class MemoryPlan:
         return sorted(self.buffers, key=lambda b: -b.nbytes)[:n]
 
 
+def _in_place(op) -> bool:
+    """Kernels that may write their result over an operand that dies with them."""
+    kind = category(op)
+    return kind in ("elementwise", "transcendental") or (
+        kind == "fused" and op.attrs.get("pattern") == "elementwise")
+
+
 def plan_memory(module: Module, donated: frozenset[int] = frozenset()) -> MemoryPlan:
     n_ops = len(module.ops)
-    owner: dict[Value, Value] = {}  # value -> the value whose buffer it uses
-    defined_at: dict[Value, int] = {}
-    described: dict[Value, tuple[str, Any]] = {}
-    for i, p in enumerate(module.params):
-        owner[p] = p
-        defined_at[p] = -1
-        described[p] = (f"argument {i}: {p.type}", None)
-    for index, op in enumerate(module.ops):
-        kind = category(op)
-        for r in op.results:
-            if kind == "view":
-                owner[r] = owner[op.operands[0]]
-                continue
-            owner[r] = r
-            defined_at[r] = -1 if kind == "constant" else index
-            described[r] = (f"{op.kind} result {r.type}", op.source)
-
     last_use: dict[Value, int] = {}
     for index, op in enumerate(module.ops):
         for v in op.operands:
-            last_use[owner[v]] = index
+            last_use[v] = index
     for v in module.outputs:
-        last_use[owner[v]] = n_ops
+        last_use[v] = n_ops
     for i, p in enumerate(module.params):
         if i not in donated:
             last_use[p] = n_ops
 
-    buffers = [_region_scratch(op, index) for index, op in enumerate(module.ops) if op.regions]
+    owner: dict[Value, Value] = {}  # value -> the value whose buffer it uses
+    end: dict[Value, int] = {}       # buffer -> last step it is needed
+    defined_at: dict[Value, int] = {}
+    described: dict[Value, tuple[str, Any]] = {}
+
+    def new_buffer(v: Value, start: int, what: str, source) -> None:
+        owner[v] = v
+        defined_at[v] = start
+        end[v] = last_use.get(v, start)
+        described[v] = (what, source)
+
+    for i, p in enumerate(module.params):
+        new_buffer(p, -1, f"argument {i}: {p.type}", None)
+    for index, op in enumerate(module.ops):
+        kind = category(op)
+        for r in op.results:
+            reuse = None
+            if kind == "view":
+                reuse = owner[op.operands[0]]
+            elif _in_place(op):
+                # take over an operand's buffer of the same size that dies here
+                reuse = next((owner[v] for v in op.operands
+                              if end.get(owner[v]) == index and owner[v].type.nbytes == r.type.nbytes
+                              and owner[v] not in module.outputs), None)
+            if reuse is not None:
+                owner[r] = reuse
+                end[reuse] = max(end[reuse], last_use.get(r, index))
+            else:
+                new_buffer(r, -1 if kind == "constant" else index, f"{op.kind} result {r.type}", op.source)
+
+    buffers = [_region_scratch(op, index) for index, op in enumerate(module.ops)
+               if category(op) == "region"]
     for v, start in defined_at.items():
         if v.type.size <= 1 and start == -1 and v not in module.params:
             continue  # scalar constants are immediates
-        end = last_use.get(v, start)
         what, source = described[v]
-        buffers.append(Buffer(what, v.type.nbytes, source, start, end))
+        buffers.append(Buffer(what, v.type.nbytes, source, start, end[v]))
 
     return _sweep(buffers, n_ops)
 

@@ -77,7 +77,7 @@ def test_dump_ir_writes_every_stage(tmp_path, monkeypatch):
     module = _import(lambda x: x * 2, jnp.ones(3))
     run_passes(module, PassContext(chip=mtia_jax.chips.get("mtia450")))
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names[0].endswith(".00.import.ir.txt") and names[-1].endswith(".canonicalize.ir.txt")
+    assert names[0].endswith(".00.import.ir.txt") and names[-1].endswith(".fusion.ir.txt")
     assert "mul" in (tmp_path / names[0]).read_text()
 
 
