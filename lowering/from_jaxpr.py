@@ -7,15 +7,18 @@ returns the result values. Supporting a new primitive is adding a row.
 
 from __future__ import annotations
 
+import warnings
+import pathlib
 from typing import Callable, Sequence
 
 import numpy as np
 from jax.extend import core as jcore
 from jax._src import source_info_util
 
-from mtia_jax.errors import UnsupportedOperationError
-from lowering.ir import Module, Op, SourceLoc, TensorType, Value
-from lowering.op_kinds import GENERIC_PRIMITIVES
+from mtia_jax.errors import MTIAHostFallbackWarning, UnsupportedOperationError
+from lowering.ir import Module, Op, SourceLoc, TensorType, Value, is_extended
+from lowering.op_kinds import (GENERIC_PRIMITIVES, HOST_DTYPE_REASONS, HOST_PRIMITIVES,
+                               KIND_CATEGORY, NO_KERNEL)
 from lowering import regions
 
 # ------------------------------------------------------------- primitives
@@ -33,6 +36,11 @@ CALL_PRIMITIVES = {
     "checkpoint": "jaxpr",
     "remat": "jaxpr",
 }
+
+# Frames inside mtia-jax itself are never the user's line.
+for _package in ("mtia_jax", "lowering", "runtime"):
+    source_info_util.register_exclusion(
+        str(pathlib.Path(__file__).resolve().parent.parent / _package) + "/")
 
 Rule = Callable[["Builder", jcore.JaxprEqn, list[Value]], list[Value]]
 
@@ -59,10 +67,98 @@ def _inline_rule(builder: "Builder", eqn: jcore.JaxprEqn, operands: list[Value])
     return builder.import_jaxpr(body, (), operands)
 
 
+# ---------------------------------------------------------- host fallback
+# Ops no MTIA kernel runs (``lowering.op_kinds.HOST_PRIMITIVES``, and any
+# kernel computing in a dtype of ``HOST_DTYPE_REASONS``) become one
+# ``host_fallback`` op. It keeps the primitive and params, so its numerics
+# are still ``primitive.bind``; the cost model charges the host-link round trip.
+
+_HOST_FALLBACK_WARNED: set[tuple[str, str | None, int | None]] = set()
+
+
+def _host_dtype_reason(eqn: jcore.JaxprEqn) -> str | None:
+    for var in (*eqn.invars, *eqn.outvars):
+        dtype = getattr(var.aval, "dtype", None)
+        if dtype is not None and not is_extended(dtype):
+            reason = HOST_DTYPE_REASONS.get(np.dtype(dtype).name)
+            if reason is not None:
+                return reason
+    return None
+
+
+def _warn_host_fallback(name: str, reason: str, source: SourceLoc | None) -> None:
+    """Warn once per (primitive, user source line) per process."""
+    key = (name, source.file, source.line) if source else (name, None, None)
+    if key in _HOST_FALLBACK_WARNED:
+        return
+    _HOST_FALLBACK_WARNED.add(key)
+    where = f" at {source.file}:{source.line}" if source else ""
+    message = (f"mtia_jax.jit: '{name}'{where} runs on the host CPU: {reason}. Its operands "
+               f"and results cross the host link (modeled in cost_analysis). To keep it on "
+               f"the chip, compute in float32/bfloat16 with supported operations.")
+    if source is not None:
+        warnings.warn_explicit(message, MTIAHostFallbackWarning, source.file, source.line)
+    else:
+        warnings.warn(message, MTIAHostFallbackWarning, stacklevel=2)
+
+
+def _emit_host_fallback(builder: "Builder", eqn: jcore.JaxprEqn, operands: list[Value],
+                        reason: str) -> list[Value]:
+    name = eqn.primitive.name
+    results = [builder.new_value(v.aval) for v in eqn.outvars]
+    builder.emit(Op(
+        kind="host_fallback",
+        operands=operands,
+        results=results,
+        attrs={"primitive": eqn.primitive, "op": name, "params": dict(eqn.params),
+               "reason": reason},
+        source=builder.current_source,
+    ))
+    _warn_host_fallback(name, reason, builder.current_source)
+    return results
+
+
+def _host_fallback_rule(builder: "Builder", eqn: jcore.JaxprEqn, operands: list[Value]) -> list[Value]:
+    reason = HOST_PRIMITIVES.get(eqn.primitive.name) or _host_dtype_reason(eqn) or "no MTIA kernel"
+    return _emit_host_fallback(builder, eqn, operands, reason)
+
+
+def _device_or_host_rule(builder: "Builder", eqn: jcore.JaxprEqn, operands: list[Value]) -> list[Value]:
+    """A generic op, unless it is a kernel computing in a dtype MTIA lacks."""
+    if KIND_CATEGORY[eqn.primitive.name] not in NO_KERNEL:
+        reason = _host_dtype_reason(eqn)
+        if reason is not None:
+            return _emit_host_fallback(builder, eqn, operands, reason)
+    return _generic_rule(builder, eqn, operands)
+
+
+# ------------------------------------------------------- structural rules
+
+def _custom_linear_solve_rule(builder: "Builder", eqn: jcore.JaxprEqn,
+                              operands: list[Value]) -> list[Value]:
+    # What the primitive's impl (and so jax.jit) computes: its ``solve``
+    # jaxpr applied to (solve's consts, b). Operands are the consts of
+    # matvec, vecmat, solve and transpose_solve, in that order, then b.
+    lengths = eqn.params["const_lengths"]
+    solve = eqn.params["jaxprs"].solve
+    start = lengths.matvec + lengths.vecmat
+    solve_consts = operands[start:start + lengths.solve]
+    b = operands[sum(lengths):]
+    return builder.import_jaxpr(solve.jaxpr, solve.consts, [*solve_consts, *b])
+
+
+def _forward_rule(builder: "Builder", eqn: jcore.JaxprEqn, operands: list[Value]) -> list[Value]:
+    # device_put inside a traced function is the identity on values
+    return list(operands)
+
+
 IMPORT_RULES: dict[str, Rule] = {
-    **{name: _generic_rule for name in GENERIC_PRIMITIVES},
+    **{name: _device_or_host_rule for name in GENERIC_PRIMITIVES},
     **{name: _inline_rule for name in CALL_PRIMITIVES},
     **regions.IMPORT_RULES,
+    **{name: _host_fallback_rule for name in HOST_PRIMITIVES},
+    "custom_linear_solve": _custom_linear_solve_rule,
+    "device_put": _forward_rule,
 }
 
 
@@ -77,13 +173,15 @@ class Builder:
 
     @staticmethod
     def new_value(aval) -> Value:
-        return Value(TensorType(tuple(int(d) for d in aval.shape), np.dtype(aval.dtype)))
+        dtype = aval.dtype if is_extended(aval.dtype) else np.dtype(aval.dtype)
+        return Value(TensorType(tuple(int(d) for d in aval.shape), dtype))
 
     def emit(self, op: Op) -> None:
         self.ops.append(op)
 
     def constant(self, value) -> Value:
-        array = np.asarray(value)
+        # PRNG key arrays have no NumPy form: they stay JAX arrays
+        array = value if is_extended(getattr(value, "dtype", None)) else np.asarray(value)
         result = Value(TensorType(array.shape, array.dtype))
         self.emit(Op("constant", [], [result], {"value": array}, self.current_source))
         return result

@@ -13,9 +13,9 @@ from types import ModuleType
 from typing import Any
 
 from lowering.ir import Module
-from lowering.passes import canonicalize, fusion
+from lowering.passes import canonicalize, fusion, tiling
 
-PASSES: tuple[ModuleType, ...] = (canonicalize, fusion)
+PASSES: tuple[ModuleType, ...] = (canonicalize, fusion, tiling)
 
 
 @dataclasses.dataclass(frozen=True)

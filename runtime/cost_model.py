@@ -120,16 +120,18 @@ class ProgramCost:
         return float(sum(getattr(k, field) for k in self.kernels))
 
 
-def _engine_time(work, chip: ChipSpec) -> float:
+def _engine_time(work, chip: ChipSpec, efficiency: float = 1.0) -> float:
+    """Seconds of compute on the engine that runs ``work``; ``efficiency`` is
+    the fraction of the matrix engine the kernel's tile keeps busy."""
     if work.engine == "matrix":
-        peak = chip.matmul_peak(work.dtype)
+        peak = chip.matmul_peak(work.dtype) * efficiency
     else:
         peak = chip.vector_peak(work.dtype) if work.dtype is not None else np.inf
     # the special-function unit is modeled at the vector rate, one op per element
     return (work.flops + work.transcendentals) / peak
 
 
-def _fused_work(op: Op, chip: ChipSpec) -> tuple[float, float, float]:
+def _fused_work(op: Op, chip: ChipSpec, efficiency: float) -> tuple[float, float, float]:
     """(flops, transcendentals, compute seconds) of a fused kernel's body.
 
     The matrix engine and the vector units work concurrently on the tiles of
@@ -141,7 +143,7 @@ def _fused_work(op: Op, chip: ChipSpec) -> tuple[float, float, float]:
         work = work_of(inner)
         flops += work.flops
         transcendentals += work.transcendentals
-        per_engine[work.engine] = per_engine.get(work.engine, 0.0) + _engine_time(work, chip)
+        per_engine[work.engine] = per_engine.get(work.engine, 0.0) + _engine_time(work, chip, efficiency)
     return flops, transcendentals, max(per_engine.values(), default=0.0)
 
 
@@ -150,14 +152,18 @@ def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
     io = (*op.operands, *op.results)
     accessed = float(sum(v.type.nbytes for v in io))
     hbm = float(sum(v.type.nbytes for v in io if not _is_immediate(v)))
+    tile = op.attrs.get("tile")  # chosen by lowering.passes.tiling
+    efficiency = tile.efficiency if tile is not None else 1.0
+    if tile is not None:
+        hbm += tile.extra_hbm_bytes
     if op.kind == "fused_kernel":
         kind = f"fused_kernel[{op.attrs['ops']}]"
-        flops, transcendentals, compute = _fused_work(op, chip)
+        flops, transcendentals, compute = _fused_work(op, chip, efficiency)
         engine = "fused"
     else:
         work = work_of(op)
         kind, flops, transcendentals, engine = op.kind, work.flops, work.transcendentals, work.engine
-        compute = 0.0 if engine == "host" else _engine_time(work, chip)
+        compute = 0.0 if engine == "host" else _engine_time(work, chip, efficiency)
     common = dict(path=path, kind=kind, source=str(op.source) if op.source else "", count=1.0,
                   flops=flops, transcendentals=transcendentals, bytes_accessed=accessed,
                   hbm_bytes=hbm, launch_s=chip.kernel_launch_s)
