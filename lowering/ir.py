@@ -15,6 +15,7 @@ import itertools
 from typing import Any, Iterable
 
 import numpy as np
+from jax import dtypes as jax_dtypes
 
 from mtia_jax.mx import MXType
 
@@ -35,7 +36,9 @@ class SourceLoc:
 class TensorType:
     """Shape, element type and memory space of a tensor value.
 
-    ``dtype`` is a NumPy/ml_dtypes dtype or an :class:`mtia_jax.mx.MXType`.
+    ``dtype`` is a NumPy/ml_dtypes dtype, an :class:`mtia_jax.mx.MXType`, or
+    a JAX extended dtype (a PRNG key type such as ``key<fry>``, stored as its
+    underlying uint32 words).
     """
 
     shape: tuple[int, ...]
@@ -51,6 +54,9 @@ class TensorType:
         """Bytes the tensor occupies in memory (MX types counted packed)."""
         if isinstance(self.dtype, MXType):
             return int(np.ceil(self.size * self.dtype.bits_per_element / 8))
+        if is_extended(self.dtype):
+            # a PRNG key's itemsize is its key words x 4 bytes (uint32)
+            return self.size * int(self.dtype.itemsize)
         return self.size * np.dtype(self.dtype).itemsize
 
     def __str__(self) -> str:
@@ -66,8 +72,18 @@ _SHORT_DTYPE = {
 }
 
 
+def is_extended(dtype: Any) -> bool:
+    """True for JAX extended dtypes (PRNG keys), which NumPy cannot represent."""
+    if isinstance(dtype, (np.dtype, MXType)):
+        return False
+    try:
+        return jax_dtypes.issubdtype(dtype, jax_dtypes.extended)
+    except TypeError:
+        return False
+
+
 def dtype_name(dtype: Any) -> str:
-    if isinstance(dtype, MXType):
+    if isinstance(dtype, MXType) or is_extended(dtype):
         return str(dtype)
     name = np.dtype(dtype).name
     return _SHORT_DTYPE.get(name, name)

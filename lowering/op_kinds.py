@@ -5,42 +5,97 @@ by the cost model (which rule prices each op).
 
 - elementwise:    one vector-unit operation per output element
 - transcendental: one special-function-unit evaluation per output element
-- reduction:      one vector operation per input element
+- reduction:      one vector operation per input element folded into an output
+- cumulative:     a prefix scan along one axis: one vector operation per element
+- sort:           a comparison sort (or top-k selection) along one axis
+- gather:         indexed reads: moves bytes, no arithmetic
+- scatter:        indexed writes, combining each update into the operand
+- window:         pooling: a reduction over a sliding window, and its gradients
+- convolution:    matrix engine (Dot Product Engine), as an implicit GEMM
 - contraction:    matrix engine (Dot Product Engine)
+- random:         counter-based random bits (integer hash rounds on the vector units)
 - data_movement:  a kernel that only moves bytes (DMA)
 - view:           metadata only (shape change, identity); no kernel
 - constant:       baked into the program; no kernel
+- host:           no MTIA kernel: runs on the host CPU, operands and results
+                  cross the host link
 """
 
 from __future__ import annotations
 
 _GROUPS = {
     "elementwise": (
-        "add", "sub", "mul", "div", "rem", "neg", "max", "min", "pow", "integer_pow",
-        "abs", "sign", "square", "floor", "ceil", "round", "clamp", "eq", "ne", "lt", "le",
-        "gt", "ge", "and", "or", "xor", "not", "select_n", "convert_element_type",
-        "is_finite",
+        "add", "add_any", "sub", "mul", "div", "rem", "neg", "max", "min", "integer_pow",
+        "abs", "sign", "square", "floor", "ceil", "round", "clamp", "nextafter", "eq", "ne",
+        "lt", "le", "gt", "ge", "and", "or", "xor", "not", "shift_left", "shift_right_logical",
+        "shift_right_arithmetic", "population_count", "clz", "select_n",
+        "convert_element_type", "bitcast_convert_type", "reduce_precision", "is_finite",
     ),
     "transcendental": (
-        "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sqrt", "rsqrt", "cbrt",
-        "erf", "erf_inv", "sin", "cos", "tan", "atan2",
+        "exp", "exp2", "log", "log1p", "expm1", "pow", "tanh", "logistic", "sqrt", "rsqrt",
+        "cbrt", "erf", "erfc", "erf_inv", "sin", "cos", "tan", "asin", "acos", "atan", "atan2",
+        "sinh", "cosh", "asinh", "acosh", "atanh", "lgamma", "digamma", "polygamma", "zeta",
+        "igamma", "igammac", "igamma_grad_a", "random_gamma_grad", "bessel_i0e", "bessel_i1e",
+        "regularized_incomplete_beta",
     ),
     "reduction": (
         "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
-        "reduce_xor", "argmax", "argmin",
+        "reduce_xor", "argmax", "argmin", "reduce",
     ),
+    "cumulative": ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"),
+    "sort": ("sort", "top_k", "approx_top_k"),
+    "gather": ("gather",),
+    "scatter": ("scatter", "scatter-add", "scatter-sub", "scatter-mul", "scatter-min",
+                "scatter-max"),
+    "window": (
+        "reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window",
+        "select_and_scatter_add", "select_and_gather_add",
+    ),
+    "convolution": ("conv_general_dilated",),
     "contraction": ("dot_general",),
+    "random": (
+        "threefry2x32", "random_bits", "random_seed", "random_fold_in", "random_split",
+        "rng_bit_generator", "random_gamma",
+    ),
     "data_movement": (
         "broadcast_in_dim", "transpose", "concatenate", "slice", "dynamic_slice",
-        "dynamic_update_slice", "iota", "copy", "tile",
+        "dynamic_update_slice", "iota", "copy", "tile", "pad", "rev", "split",
     ),
-    "view": ("reshape", "squeeze", "expand_dims", "stop_gradient"),
+    "view": (
+        "reshape", "squeeze", "expand_dims", "stop_gradient", "optimization_barrier",
+        "random_wrap", "random_unwrap", "random_clone",
+    ),
     "constant": ("constant",),
+    "host": ("host_fallback",),
 }
 
 KIND_CATEGORY: dict[str, str] = {kind: group for group, kinds in _GROUPS.items() for kind in kinds}
 
+# kinds that are not JAX primitives: created by the importer itself
+_NON_PRIMITIVE_KINDS = frozenset({"constant", "host_fallback"})
+
 # kinds that are JAX primitives imported one-to-one as generic ops
-GENERIC_PRIMITIVES: frozenset[str] = frozenset(KIND_CATEGORY) - {"constant"}
+GENERIC_PRIMITIVES: frozenset[str] = frozenset(KIND_CATEGORY) - _NON_PRIMITIVE_KINDS
 
 NO_KERNEL: frozenset[str] = frozenset({"view", "constant"})
+
+# Primitives no MTIA kernel runs: imported as a ``host_fallback`` op that
+# binds the original primitive on the host. Value: why, for the user.
+_LINALG_REASON = "a linear-algebra decomposition/solver with no MTIA kernel"
+HOST_PRIMITIVES: dict[str, str] = {
+    **{name: _LINALG_REASON for name in (
+        "cholesky", "cholesky_update", "lu", "lu_pivots_to_permutation", "qr", "geqrf",
+        "geqp3", "householder_product", "ormqr", "svd", "eig", "eigh", "triangular_solve",
+        "tridiagonal", "tridiagonal_solve", "schur", "hessenberg", "symmetric_product",
+    )},
+    "fft": "an FFT, which has no MTIA kernel",
+    **{name: "complex numbers have no MTIA datapath"
+       for name in ("complex", "real", "imag", "conj")},
+}
+
+# element types no MTIA kernel computes in: any kernel touching one runs on the host
+HOST_DTYPE_REASONS: dict[str, str] = {
+    "float64": "float64 has no MTIA datapath",
+    "complex64": "complex numbers have no MTIA datapath",
+    "complex128": "complex numbers have no MTIA datapath",
+}

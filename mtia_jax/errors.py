@@ -22,6 +22,11 @@ class UnsupportedOperationError(NotImplementedError):
         )
 
 
+class MTIAHostFallbackWarning(UserWarning):
+    """An op with no MTIA kernel runs on the host CPU (the round trip over the
+    host link is modeled). Raised once per (primitive, user source line)."""
+
+
 class HBMCapacityError(MemoryError):
     """The program's live buffers do not fit the chip's HBM."""
 
