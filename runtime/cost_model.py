@@ -79,6 +79,7 @@ class KernelCost:
     compute_s: float
     hbm_s: float
     launch_s: float
+    ideal_compute_s: float  # compute at full PE utilisation: the roofline's share
     start_s: float = 0.0
     stream: str = "compute"  # "compute", "dma", "network" or "host"
 
@@ -99,7 +100,7 @@ class KernelCost:
             self, count=self.count * n, flops=self.flops * n,
             transcendentals=self.transcendentals * n, bytes_accessed=self.bytes_accessed * n,
             hbm_bytes=self.hbm_bytes * n, compute_s=self.compute_s * n, hbm_s=self.hbm_s * n,
-            launch_s=self.launch_s * n)
+            launch_s=self.launch_s * n, ideal_compute_s=self.ideal_compute_s * n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,14 +160,16 @@ def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
     if op.kind == "fused_kernel":
         kind = f"fused_kernel[{op.attrs['ops']}]"
         flops, transcendentals, compute = _fused_work(op, chip, efficiency)
+        ideal = _fused_work(op, chip, 1.0)[2]
         engine = "fused"
     else:
         work = work_of(op)
         kind, flops, transcendentals, engine = op.kind, work.flops, work.transcendentals, work.engine
         compute = 0.0 if engine == "host" else _engine_time(work, chip, efficiency)
+        ideal = 0.0 if engine == "host" else _engine_time(work, chip)
     common = dict(path=path, kind=kind, source=str(op.source) if op.source else "", count=1.0,
                   flops=flops, transcendentals=transcendentals, bytes_accessed=accessed,
-                  hbm_bytes=hbm, launch_s=chip.kernel_launch_s)
+                  hbm_bytes=hbm, launch_s=chip.kernel_launch_s, ideal_compute_s=ideal)
     if engine == "host":
         # No MTIA kernel: operands go to the host over the host link and the
         # results come back, one latency each way. Host compute time is not
@@ -243,7 +246,7 @@ def program_cost(module: Module, chip: ChipSpec,
         clock += k.time_s
     # Roofline: the physical lower bound. All arithmetic at peak, and only the
     # program's own inputs and outputs cross HBM, each exactly once.
-    compute_floor = sum(k.compute_s for k in kernels)
+    compute_floor = sum(k.ideal_compute_s for k in kernels)
     io_values = {*module.params, *module.outputs}
     min_bytes = float(sum(v.type.nbytes for v in io_values))
     roofline = max(compute_floor, min_bytes / chip.hbm_bandwidth)
