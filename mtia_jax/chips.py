@@ -43,6 +43,7 @@ variable ``MTIA_JAX_CHIP`` names another one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import enum
 import math
 import os
@@ -402,6 +403,10 @@ class ChipSpec:
         return FrozenMapping({c: float(rates[c]) for c in allowed if c in rates})
 
     def __hash__(self) -> int:
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:  # specs are immutable: hash once (compile-cache keys use it)
         return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
 
     # -- rates --------------------------------------------------------------

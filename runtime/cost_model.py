@@ -79,7 +79,8 @@ class KernelCost:
     compute_s: float
     hbm_s: float
     launch_s: float
-    ideal_compute_s: float  # compute at full PE utilisation: the roofline's share
+    ideal_matrix_s: float   # matrix-engine time at full PE utilisation (roofline's share)
+    ideal_vector_s: float   # vector/SFU time
     start_s: float = 0.0
     stream: str = "compute"  # "compute", "dma", "network" or "host"
 
@@ -100,7 +101,8 @@ class KernelCost:
             self, count=self.count * n, flops=self.flops * n,
             transcendentals=self.transcendentals * n, bytes_accessed=self.bytes_accessed * n,
             hbm_bytes=self.hbm_bytes * n, compute_s=self.compute_s * n, hbm_s=self.hbm_s * n,
-            launch_s=self.launch_s * n, ideal_compute_s=self.ideal_compute_s * n)
+            launch_s=self.launch_s * n, ideal_matrix_s=self.ideal_matrix_s * n,
+            ideal_vector_s=self.ideal_vector_s * n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,20 +134,11 @@ def _engine_time(work, chip: ChipSpec, efficiency: float = 1.0) -> float:
     return (work.flops + work.transcendentals) / peak
 
 
-def _fused_work(op: Op, chip: ChipSpec, efficiency: float) -> tuple[float, float, float]:
-    """(flops, transcendentals, compute seconds) of a fused kernel's body.
-
-    The matrix engine and the vector units work concurrently on the tiles of
-    one kernel, so compute time is the busier engine's time.
-    """
-    per_engine: dict[str, float] = {}
-    flops = transcendentals = 0.0
-    for inner in op.regions["body"].ops:
-        work = work_of(inner)
-        flops += work.flops
-        transcendentals += work.transcendentals
-        per_engine[work.engine] = per_engine.get(work.engine, 0.0) + _engine_time(work, chip, efficiency)
-    return flops, transcendentals, max(per_engine.values(), default=0.0)
+def _engine_times(works, chip: ChipSpec, efficiency: float) -> dict[str, float]:
+    per_engine = {"matrix": 0.0, "vector": 0.0}
+    for work in works:
+        per_engine[work.engine] += _engine_time(work, chip, efficiency)
+    return per_engine
 
 
 def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
@@ -157,26 +150,26 @@ def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
     efficiency = tile.efficiency if tile is not None else 1.0
     if tile is not None:
         hbm += tile.extra_hbm_bytes
-    if op.kind == "fused_kernel":
-        kind = f"fused_kernel[{op.attrs['ops']}]"
-        flops, transcendentals, compute = _fused_work(op, chip, efficiency)
-        ideal = _fused_work(op, chip, 1.0)[2]
-        engine = "fused"
-    else:
-        work = work_of(op)
-        kind, flops, transcendentals, engine = op.kind, work.flops, work.transcendentals, work.engine
-        compute = 0.0 if engine == "host" else _engine_time(work, chip, efficiency)
-        ideal = 0.0 if engine == "host" else _engine_time(work, chip)
+    fused = op.kind == "fused_kernel"
+    works = [work_of(inner) for inner in op.regions["body"].ops] if fused else [work_of(op)]
+    kind = f"fused_kernel[{op.attrs['ops']}]" if fused else op.kind
+    host = any(w.engine == "host" for w in works)
+    # The matrix engine and the vector units work concurrently on the tiles of
+    # one kernel, so compute time is the busier engine's time.
+    busy = {} if host else _engine_times(works, chip, efficiency)
+    ideal = {} if host else _engine_times(works, chip, 1.0)
     common = dict(path=path, kind=kind, source=str(op.source) if op.source else "", count=1.0,
-                  flops=flops, transcendentals=transcendentals, bytes_accessed=accessed,
-                  hbm_bytes=hbm, launch_s=chip.kernel_launch_s, ideal_compute_s=ideal)
-    if engine == "host":
+                  flops=float(sum(w.flops for w in works)),
+                  transcendentals=float(sum(w.transcendentals for w in works)),
+                  bytes_accessed=accessed, hbm_bytes=hbm, launch_s=chip.kernel_launch_s,
+                  ideal_matrix_s=ideal.get("matrix", 0.0), ideal_vector_s=ideal.get("vector", 0.0))
+    if host:
         # No MTIA kernel: operands go to the host over the host link and the
         # results come back, one latency each way. Host compute time is not
         # modeled (it depends on the host CPU, not the chip).
         transfer = accessed / chip.host_link_bandwidth + 2 * chip.host_link_latency_s
         return KernelCost(**common, compute_s=0.0, hbm_s=transfer, stream="host")
-    return KernelCost(**common, compute_s=compute, hbm_s=hbm / chip.hbm_bandwidth)
+    return KernelCost(**common, compute_s=max(busy.values()), hbm_s=hbm / chip.hbm_bandwidth)
 
 
 # ------------------------------------------------------------ region ops
@@ -244,9 +237,10 @@ def program_cost(module: Module, chip: ChipSpec,
     for k in walk.kernels:
         kernels.append(dataclasses.replace(k, start_s=clock))
         clock += k.time_s
-    # Roofline: the physical lower bound. All arithmetic at peak, and only the
-    # program's own inputs and outputs cross HBM, each exactly once.
-    compute_floor = sum(k.ideal_compute_s for k in kernels)
+    # Roofline: the physical lower bound. All arithmetic at peak on engines
+    # working in parallel, and only the program's own inputs and outputs cross
+    # HBM, each exactly once.
+    compute_floor = max(sum(k.ideal_matrix_s for k in kernels), sum(k.ideal_vector_s for k in kernels))
     io_values = {*module.params, *module.outputs}
     min_bytes = float(sum(v.type.nbytes for v in io_values))
     roofline = max(compute_floor, min_bytes / chip.hbm_bandwidth)
