@@ -6,7 +6,8 @@ Cost model v0. Every op that is a kernel on the device gets
     compute = FLOPs / peak FLOP/s of the engine that runs it, for its dtype
     hbm     = bytes moved between HBM and the chip / HBM bandwidth
 
-and the kernels run one after another. A kernel inside a region op (a scan
+and a list scheduler (``runtime.schedule``) places the kernels on the
+device's streams (compute, DMA, network, host), which overlap. A kernel inside a region op (a scan
 body, a while loop, a cond branch) is charged once per execution of its
 region: ``length`` times per scan, the measured trip count of a while loop
 (see ``runtime.executor``; one trip per execution is assumed until the
@@ -34,6 +35,7 @@ from lowering.ir import Module, Op
 from lowering.op_kinds import KIND_CATEGORY, NO_KERNEL
 from mtia_jax.chips import ChipSpec
 from runtime.op_work import work_of
+from runtime.schedule import schedule
 
 
 def category(op: Op) -> str:
@@ -113,11 +115,8 @@ class ProgramCost:
     kernels: tuple[KernelCost, ...]
     roofline_time_s: float
     min_hbm_bytes: float
+    time_s: float  # makespan of the modeled timeline (streams overlap)
     assumed_loops: tuple[str, ...] = ()  # while loops whose trip count was not measured
-
-    @property
-    def time_s(self) -> float:
-        return sum(k.time_s for k in self.kernels)
 
     def total(self, field: str) -> float:
         return float(sum(getattr(k, field) for k in self.kernels))
@@ -163,12 +162,14 @@ def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
                   transcendentals=float(sum(w.transcendentals for w in works)),
                   bytes_accessed=accessed, hbm_bytes=hbm, launch_s=chip.kernel_launch_s,
                   ideal_matrix_s=ideal.get("matrix", 0.0), ideal_vector_s=ideal.get("vector", 0.0))
+    if category(op) == "data_movement":
+        common["stream"] = "dma"
     if host:
         # No MTIA kernel: operands go to the host over the host link and the
         # results come back, one latency each way. Host compute time is not
         # modeled (it depends on the host CPU, not the chip).
         transfer = accessed / chip.host_link_bandwidth + 2 * chip.host_link_latency_s
-        return KernelCost(**common, compute_s=0.0, hbm_s=transfer, stream="host")
+        return KernelCost(**{**common, "stream": "host"}, compute_s=0.0, hbm_s=transfer)
     return KernelCost(**common, compute_s=max(busy.values()), hbm_s=hbm / chip.hbm_bandwidth)
 
 
@@ -227,16 +228,14 @@ REGION_EXECUTIONS: dict[str, Callable[[_Walk, Op, float, str], dict[str, float]]
 
 def program_cost(module: Module, chip: ChipSpec,
                  trip_counts: Mapping[str, float] | None = None) -> ProgramCost:
-    """Model every kernel of ``module`` on ``chip``, run back to back.
+    """Model every kernel of ``module`` on ``chip`` and schedule them on the
+    device's streams (``runtime.schedule``).
 
     ``trip_counts`` maps while-op paths to measured total trip counts.
     """
     walk = _Walk(chip, trip_counts or {})
     walk.module(module, 1.0, "")
-    clock, kernels = 0.0, []
-    for k in walk.kernels:
-        kernels.append(dataclasses.replace(k, start_s=clock))
-        clock += k.time_s
+    kernels, makespan = schedule(module, walk.kernels)
     # Roofline: the physical lower bound. All arithmetic at peak on engines
     # working in parallel, and only the program's own inputs and outputs cross
     # HBM, each exactly once.
@@ -245,4 +244,5 @@ def program_cost(module: Module, chip: ChipSpec,
     min_bytes = float(sum(v.type.nbytes for v in io_values))
     roofline = max(compute_floor, min_bytes / chip.hbm_bandwidth)
     return ProgramCost(chip=chip.name, kernels=tuple(kernels), roofline_time_s=roofline,
-                       min_hbm_bytes=min_bytes, assumed_loops=tuple(walk.assumed_loops))
+                       min_hbm_bytes=min_bytes, time_s=makespan,
+                       assumed_loops=tuple(walk.assumed_loops))
