@@ -18,6 +18,10 @@ _LAZY = {
     "Compiled": ("mtia_jax.api", "Compiled"),
     "mx": ("mtia_jax.mx", None),
     "chips": ("mtia_jax.chips", None),
+    "config": ("mtia_jax.config", None),
+    "devices": ("runtime.device", "devices"),
+    "Device": ("runtime.device", "Device"),
+    "profiler": ("mtia_jax.profiler", None),
 }
 
 __all__ = sorted(_LAZY)

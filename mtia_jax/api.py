@@ -147,17 +147,40 @@ class Lowered:
 
 
 class Compiled:
-    """A compiled program: callable on the host, with a modeled cost."""
+    """A compiled program: callable on the host, with a modeled cost.
+
+    Every call adds the program's modeled cost to ``self.device.stats`` and,
+    inside ``mtia_jax.profiler.trace``, records its kernels. Calls made while
+    tracing under a JAX transformation (``jax.jit``, ``grad``, ``vmap`` of the
+    compiled function) are not device executions and are not recorded.
+    """
+
+    _TRACER = jax.core.Tracer
 
     def __init__(self, module: Module, chip, memory: MemoryPlan, executor, in_tree, out_tree):
+        from mtia_jax import config
+        from runtime import trace
+        from runtime.device import device_for
+        from runtime.executor import EagerExecutor
+
         self.module = module
         self.chip = chip
         self.memory = memory
         self._static_cost = program_cost(module, chip)
+        self._costs: dict[tuple, ProgramCost] = {}  # trip counts -> cost
         self._trip_counts = None  # while-loop trip counts of the last call (device arrays)
         self._executor = executor
         self.in_tree = in_tree
         self.out_tree = out_tree
+        # what a call needs, looked up once: the call path stays as cheap as jax.jit's
+        self.device = device_for(chip)
+        self._stats = self.device.stats
+        self._record = self._stats.record
+        self._static_totals = self._call_totals(self._static_cost)
+        self._single_output = tree_util.treedef_is_leaf(out_tree) and out_tree.num_leaves == 1
+        self._trace = trace
+        self._options = config._values
+        self._checks_outputs = not isinstance(executor, EagerExecutor)  # eager checks per kernel
 
     def __call__(self, *args, **kwargs):
         """Call with the non-static arguments, as for ``jax.stages.Compiled``."""
@@ -169,17 +192,80 @@ class Compiled:
 
     def call_flat(self, leaves: Sequence):
         outs, trip_counts = self._executor(*leaves)
+        if outs and isinstance(outs[0], self._TRACER):
+            return tree_util.tree_unflatten(self.out_tree, outs)  # traced, not executed
         if trip_counts:
-            self._trip_counts = trip_counts
-        return tree_util.tree_unflatten(self.out_tree, outs)
+            if not self._record_deferred(trip_counts):
+                return tree_util.tree_unflatten(self.out_tree, outs)  # traced, not executed
+        else:
+            if self._trace.ACTIVE:
+                self._trace.record_call(self.device, self.module.name, self._cost_for, None)
+            self._record(self._static_totals)
+        options = self._options
+        if (options["debug_nans"] or options["debug_infs"]) and self._checks_outputs:
+            self._check_outputs(leaves, outs)
+        return outs[0] if self._single_output else tree_util.tree_unflatten(self.out_tree, outs)
+
+    def _record_deferred(self, trip_counts) -> bool:
+        """Record a call of a program with while loops: its cost depends on the
+        trip counts, which are folded in when the stats are read. False if the
+        counts are tracers (a traced call, not an execution)."""
+        if any(isinstance(n, self._TRACER) for n in trip_counts.values()):
+            return False
+        self._trip_counts = trip_counts
+        if self._trace.ACTIVE:
+            self._trace.record_call(self.device, self.module.name, self._cost_for, trip_counts)
+        self._stats.record_deferred(self._totals_for, trip_counts)
+        return True
+
+    def _check_outputs(self, leaves: Sequence, outs: Sequence) -> None:
+        """Graph mode with debug_nans/debug_infs: if an output holds a NaN/Inf,
+        re-run the call kernel by kernel, which raises naming the kernel."""
+        from runtime.executor import EagerExecutor
+
+        checks = EagerExecutor.enabled_checks()
+        for index, out in enumerate(outs):
+            found = EagerExecutor.find_nonfinite(out, checks)
+            if found is not None:
+                break
+        else:
+            return
+        donated_gone = any(getattr(x, "is_deleted", lambda: False)() for x in leaves)
+        if not donated_gone:
+            EagerExecutor(self.module)(*leaves)
+        option = "debug_nans" if found == "NaN" else "debug_infs"
+        why = ("its donated inputs are gone, so the call cannot be re-run kernel by kernel"
+               if donated_gone else "re-running it kernel by kernel did not reproduce it")
+        raise FloatingPointError(
+            f"mtia_jax {option}: output {index} of '{self.module.name}' holds {found}; {why}. "
+            f"Call the function with mtia_jax.jit(..., mode=\"eager\") (without donation) "
+            f"to find the kernel.")
+
+    @staticmethod
+    def _call_totals(cost: ProgramCost) -> tuple[float, float, float]:
+        return (cost.time_s, cost.total("hbm_bytes"), cost.total("flops"))
+
+    def _cost_for(self, trip_counts) -> ProgramCost:
+        """The cost of a call whose while loops ran ``trip_counts`` times
+        (None or empty: no while loops)."""
+        if not trip_counts:
+            return self._static_cost
+        counts = {path: float(n) for path, n in trip_counts.items()}
+        key = tuple(sorted(counts.items()))
+        cost = self._costs.get(key)
+        if cost is None:
+            if len(self._costs) >= 256:
+                self._costs.clear()
+            cost = self._costs[key] = program_cost(self.module, self.chip, counts)
+        return cost
+
+    def _totals_for(self, trip_counts) -> tuple[float, float, float]:
+        return self._call_totals(self._cost_for(trip_counts))
 
     @property
     def cost(self) -> ProgramCost:
         """The modeled cost; while loops use the trip counts of the last call."""
-        if self._trip_counts is None:
-            return self._static_cost
-        counts = {path: float(n) for path, n in self._trip_counts.items()}
-        return program_cost(self.module, self.chip, counts)
+        return self._cost_for(self._trip_counts)
 
     def as_text(self) -> str:
         """The final MTIA IR after all passes."""
@@ -209,19 +295,22 @@ class Compiled:
         }
 
     def memory_analysis(self) -> MemoryPlan:
+        """HBM use, with the names of jax's ``CompiledMemoryStats``:
+        ``argument_size_in_bytes``, ``output_size_in_bytes``,
+        ``temp_size_in_bytes``, ``alias_size_in_bytes`` (donated arguments),
+        ``peak_memory_in_bytes``; and ``largest(n)``, the biggest buffers."""
         return self.memory
 
+    def profile(self):
+        """The modeled per-kernel profile (``mtia_jax.profiler.Profile``):
+        ``.rows`` sorted by modeled time; ``str()`` is an aligned table.
+        While loops use the trip counts of the last call."""
+        from mtia_jax.profiler import Profile
+        return Profile.from_cost(self.cost)
+
     def kernel_table(self) -> str:
-        """One row per kernel: kind, modeled time and what bounds it."""
-        rows = [f"modeled on {self.chip.name} (a performance model, not a measurement)",
-                f"{'#':>4} {'kernel':<22} {'modeled us':>11} {'bound':<8} {'GFLOP':>9} "
-                f"{'HBM MB':>9}  source"]
-        for k in self.cost.kernels:
-            rows.append(f"{k.path:>4} {k.kind:<22} {k.time_s * 1e6:>11.3f} {k.bound:<8} "
-                        f"{k.flops / 1e9:>9.4f} {k.hbm_bytes / 1e6:>9.3f}  {k.source}")
-        rows.append(f"total modeled {self.cost.time_s * 1e6:.3f} us, roofline "
-                    f"{self.cost.roofline_time_s * 1e6:.3f} us")
-        return "\n".join(rows)
+        """The profile as a table: ``str(self.profile())``."""
+        return str(self.profile())
 
 
 # ---------------------------------------------------------------- jit

@@ -179,14 +179,110 @@ class GraphExecutor:
 
 class EagerExecutor:
     """One host dispatch per kernel (each primitive runs as its own XLA
-    computation), for debugging and per-kernel inspection."""
+    computation), for debugging and per-kernel inspection.
+
+    With ``mtia_jax.config.debug_nans`` (``debug_infs``) on, every kernel's
+    floating-point results are checked as it runs, and the first NaN (Inf)
+    raises ``FloatingPointError`` naming the op kind, its path and the user's
+    source line. The ops of a fused kernel's body run (and are checked) one by
+    one. Kernels inside scan/while/cond bodies run inside one ``lax`` control
+    flow dispatch, so there the region op's results are checked instead.
+    """
+
+    # region ops whose region runs once, straight through, on the op's
+    # operands (so its ops can run and be checked one by one)
+    INLINE_REGIONS = {"fused_kernel": "body"}
 
     def __init__(self, module: Module, donate_argnums: Sequence[int] = ()):
-        self._run = host_function(module)
+        from runtime.cost_model import is_kernel
+        self._module = module
+        self._is_kernel = is_kernel
 
     def __call__(self, *flat_args) -> tuple[list[Any], Counts]:
-        outs, counts = self._run(*flat_args)
+        outs, counts = self._run(self._module, flat_args, "", self.enabled_checks())
         return [jnp.asarray(out) for out in outs], counts
+
+    def _run(self, module: Module, flat_args: Sequence[Any], path: str,
+             checks: tuple[str, ...]) -> tuple[list[Any], Counts]:
+        env: dict[Value, Any] = dict(zip(module.params, flat_args, strict=True))
+        counts: Counts = {}
+        for i, op in enumerate(module.ops):
+            here = f"{path}{i}"
+            args = [env[v] for v in op.operands]
+            inline = self.INLINE_REGIONS.get(op.kind)
+            if inline is not None:
+                outs, inner = self._run(op.regions[inline], args, f"{here}/{inline}/", checks)
+            elif op.regions:
+                outs, inner = REGION_EMIT_RULES[op.kind](op, args, here)
+                if checks:
+                    self._check(op, here, args, outs, checks)
+            else:
+                outs, inner = emit_op(op, args), {}
+                if checks and self._is_kernel(op):
+                    self._check(op, here, args, outs, checks)
+            counts.update(inner)
+            env.update(zip(op.results, outs, strict=True))
+        return [env[v] for v in module.outputs], counts
+
+    # ------------------------------------------------------------ checks
+
+    @staticmethod
+    def enabled_checks() -> tuple[str, ...]:
+        """The non-finite values the config asks to trap: "NaN", "Inf"."""
+        from mtia_jax import config
+        return (("NaN",) if config._values["debug_nans"] else ()) + (
+            ("Inf",) if config._values["debug_infs"] else ())
+
+    @staticmethod
+    def find_nonfinite(value: Any, checks: Sequence[str]) -> str | None:
+        """"NaN" or "Inf" if ``value`` is floating point and holds one that
+        ``checks`` asks for, else None."""
+        dtype = getattr(value, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+            return None
+        if "NaN" in checks and bool(jnp.isnan(value).any()):
+            return "NaN"
+        if "Inf" in checks and bool(jnp.isinf(value).any()):
+            return "Inf"
+        return None
+
+    def _check(self, op: Op, path: str, args: list[Any], outs: list[Any],
+               checks: tuple[str, ...]) -> None:
+        for index, (out, result) in enumerate(zip(outs, op.results)):
+            found = self.find_nonfinite(out, checks)
+            if found is not None:
+                raise FloatingPointError(
+                    self._message(op, path, index, result, found,
+                                  any(self.find_nonfinite(a, (found,)) for a in args)))
+
+    @staticmethod
+    def _message(op: Op, path: str, index: int, result: Value, found: str,
+                 operand_had_it: bool) -> str:
+        option = "debug_nans" if found == "NaN" else "debug_infs"
+        where = f" at {op.source}" if op.source is not None else ""
+        name = op.kind
+        if op.kind == "host_fallback" and "op" in op.attrs:
+            name = f"host_fallback ({op.attrs['op']})"
+        if "/" in path:
+            outer = path.split("/", 1)[0]
+            inside = f", inside the fused kernel at op {outer}"
+        else:
+            inside = ""
+        if op.regions and op.kind not in EagerExecutor.INLINE_REGIONS:
+            what = (f"the '{name}' region op (op {path}){where}. Kernels inside scan/while/cond "
+                    f"bodies are not checked one by one, so the {found} arose somewhere in this "
+                    f"region's body")
+        else:
+            what = f"the kernel '{name}' (op {path}{inside}){where}"
+        if operand_had_it:
+            cause = (f"An operand already held {found}: it came in through the program's "
+                     f"arguments or a constant.")
+        else:
+            cause = f"Its operands held no {found}: this op produced it."
+        return (f"mtia_jax {option}: {found} in result {index} ({result.type}) of {what}. "
+                f"{cause} Fix that line (for example, keep the input in the function's "
+                f"domain), or turn the check off with "
+                f"mtia_jax.config.update({option!r}, False).")
 
 
 EXECUTORS = {"graph": GraphExecutor, "eager": EagerExecutor}

@@ -6,6 +6,10 @@ buffer, and an elementwise kernel writes its result in place over an
 operand buffer of the same size that is not needed afterwards. Parameters stay alive for the whole call (the caller owns them)
 unless donated, in which case they die after their last use like any
 intermediate. Outputs stay alive to the end.
+
+The plan also reports the totals ``jax.stages.Compiled.memory_analysis()``
+reports, under the same names: argument, output, temporary and aliased
+(donated) bytes, and the peak.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ class Buffer:
     source: Any
     start: int  # index of the op that defines it (-1: before the program)
     end: int    # index of the last op that uses it (len(ops): to the end)
+    # "argument" (a parameter's buffer), "output" (holds a program output),
+    # or "temp" (intermediates, non-scalar constants, region scratch)
+    role: str = "temp"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +38,44 @@ class MemoryPlan:
     buffers: tuple[Buffer, ...]
     peak_bytes: int
     peak_at: int
+    argument_bytes: int = 0  # all parameters, donated or not
+    output_bytes: int = 0    # all outputs (each distinct output value once)
+    temp_bytes: int = 0      # peak of the live temp buffers
+    alias_bytes: int = 0     # donated parameters (their buffers may be reused)
 
     def largest(self, n: int = 5) -> list[Buffer]:
         return sorted(self.buffers, key=lambda b: -b.nbytes)[:n]
+
+    # the names of jax's ``CompiledMemoryStats``
+    @property
+    def argument_size_in_bytes(self) -> int:
+        return self.argument_bytes
+
+    @property
+    def output_size_in_bytes(self) -> int:
+        return self.output_bytes
+
+    @property
+    def temp_size_in_bytes(self) -> int:
+        return self.temp_bytes
+
+    @property
+    def alias_size_in_bytes(self) -> int:
+        return self.alias_bytes
+
+    @property
+    def peak_memory_in_bytes(self) -> int:
+        return self.peak_bytes
+
+    @property
+    def generated_code_size_in_bytes(self) -> int:
+        return 0  # not modeled
+
+    def __str__(self) -> str:
+        mib = 2.0 ** 20
+        return (f"MemoryPlan(peak {self.peak_bytes / mib:.3f} MiB; arguments "
+                f"{self.argument_bytes / mib:.3f} MiB, outputs {self.output_bytes / mib:.3f} MiB, "
+                f"temp {self.temp_bytes / mib:.3f} MiB, aliased {self.alias_bytes / mib:.3f} MiB)")
 
 
 def _in_place(op) -> bool:
@@ -85,15 +127,23 @@ def plan_memory(module: Module, donated: frozenset[int] = frozenset()) -> Memory
             else:
                 new_buffer(r, -1 if kind == "constant" else index, f"{op.kind} result {r.type}", op.source)
 
+    params = set(module.params)
+    output_owners = {owner[v] for v in module.outputs}
     buffers = [_region_scratch(op, index) for index, op in enumerate(module.ops)
                if category(op) == "region"]
     for v, start in defined_at.items():
         if v.type.size <= 1 and start == -1 and v not in module.params:
             continue  # scalar constants are immediates
         what, source = described[v]
-        buffers.append(Buffer(what, v.type.nbytes, source, start, end[v]))
+        role = "argument" if v in params else "output" if v in output_owners else "temp"
+        buffers.append(Buffer(what, v.type.nbytes, source, start, end[v], role))
 
-    return _sweep(buffers, n_ops)
+    return dataclasses.replace(
+        _sweep(buffers, n_ops),
+        argument_bytes=sum(p.type.nbytes for p in module.params),
+        output_bytes=sum(v.type.nbytes for v in dict.fromkeys(module.outputs)),
+        temp_bytes=_sweep([b for b in buffers if b.role == "temp"], n_ops).peak_bytes,
+        alias_bytes=sum(p.type.nbytes for i, p in enumerate(module.params) if i in donated))
 
 
 def _region_scratch(op, index: int) -> Buffer:
