@@ -48,8 +48,10 @@ class _ArgSpec:
 
 
 def _aval_key(leaf) -> tuple:
-    aval = jax.typeof(leaf)
-    return (tuple(aval.shape), aval.dtype, bool(getattr(aval, "weak_type", False)))
+    aval = getattr(leaf, "aval", None)  # jax arrays and tracers carry theirs
+    if aval is None:
+        aval = jax.typeof(leaf)  # NumPy arrays and Python scalars
+    return (aval.shape, aval.dtype, aval.weak_type)
 
 
 def _as_tuple(x) -> tuple:
@@ -74,6 +76,7 @@ class _Signature:
         names |= {positional[i] for i in nums if 0 <= i < len(positional)}
         self.static_argnums = frozenset(nums)
         self.static_argnames = frozenset(names)
+        self.has_statics = bool(nums or names)
         self.donate_argnums = frozenset(self._normalize(i, len(positional))
                                         for i in _as_tuple(donate_argnums))
 
@@ -326,17 +329,21 @@ class JitFunction:
         if chip is not None:
             chip_catalogue.get(chip)  # fail early on unknown chip names
         self._fun = fun
-        self._chip = chip
+        self._chip = None if chip is None else chip_catalogue.get(chip)
         self._mode = mode
         self._signature = _Signature(fun, static_argnums, static_argnames, donate_argnums)
         self._cache: dict[Any, Compiled] = {}
         functools.update_wrapper(self, fun)
 
     def _resolve_chip(self):
-        return chip_catalogue.get(self._chip if self._chip is not None else chip_catalogue.default_name())
+        # without an explicit chip, follow $MTIA_JAX_CHIP at call time
+        return self._chip if self._chip is not None else chip_catalogue.default()
 
     def _spec(self, args, kwargs):
-        dyn_args, dyn_kwargs, static = self._signature.split(args, kwargs)
+        if self._signature.has_statics:
+            dyn_args, dyn_kwargs, static = self._signature.split(args, kwargs)
+        else:
+            dyn_args, dyn_kwargs, static = args, kwargs, ()
         leaves, in_tree = tree_util.tree_flatten((dyn_args, dyn_kwargs))
         spec = _ArgSpec(in_tree, tuple(_aval_key(x) for x in leaves), static)
         return spec, leaves

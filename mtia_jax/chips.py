@@ -1114,6 +1114,7 @@ def register(spec: ChipSpec, *, overwrite: bool = False) -> ChipSpec:
     """
     if not isinstance(spec, ChipSpec):
         raise TypeError(f"register() expects a ChipSpec, got {type(spec).__name__}")
+    _DEFAULT_BY_ENV.clear()
     key = _key(spec.name)
     if not overwrite and (key in _REGISTRY or key in _ALIASES):
         raise ValueError(f"chip {spec.name!r} is already registered; pass overwrite=True to replace it")
@@ -1132,9 +1133,16 @@ def default_name() -> str:
         raise ValueError(f"{ENV_VAR}={value!r}: {err}") from None
 
 
+_DEFAULT_BY_ENV: dict[str, ChipSpec] = {}  # $MTIA_JAX_CHIP value -> spec; cleared by register()
+
+
 def default() -> ChipSpec:
-    """The default chip (see :func:`default_name`)."""
-    return get(default_name())
+    """The default chip (see :func:`default_name`). Cheap enough for every call."""
+    value = os.environ.get(ENV_VAR, "")
+    spec = _DEFAULT_BY_ENV.get(value)
+    if spec is None:
+        spec = _DEFAULT_BY_ENV[value] = get(default_name())
+    return spec
 
 
 for _chip in _catalogue():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 
 from lowering.ir import Module, Op, Value
@@ -46,7 +47,8 @@ def fold_constants(module: Module) -> Module:
               and op.results[0].type.size <= FOLD_MAX_ELEMENTS):
             values = [_constant_value(producers.get(v)) for v in op.operands]
             if all(v is not None for v in values):
-                folded = np.asarray(op.primitive.bind(*values, **op.params))
+                with jax.ensure_compile_time_eval():  # also when compiled under a jax trace
+                    folded = np.asarray(op.primitive.bind(*values, **op.params))
                 op = Op("constant", [], op.results, {"value": folded}, op.source)
         producers.update((r, op) for r in op.results)
         ops.append(op)
