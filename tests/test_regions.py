@@ -141,3 +141,8 @@ def test_region_bodies_are_separate_modules():
     (loop,) = [op for op in module.ops if op.kind == "while"]
     assert set(loop.regions) == {"cond", "body"}
     assert len(loop.regions["body"].params) == 2
+
+
+def test_compiles_inside_an_outer_jax_trace():
+    # first compile happens while jax.jit traces; constant folding must not see tracers
+    assert int(jax.jit(mtia_jax.jit(collatz_steps))(27)) == 111
