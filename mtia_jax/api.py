@@ -144,7 +144,7 @@ class Lowered:
         if memory.peak_bytes > self.chip.hbm_bytes:
             raise HBMCapacityError(
                 self.chip.name, memory.peak_bytes, self.chip.hbm_bytes,
-                [(b.what, b.nbytes, b.source) for b in memory.largest()])
+                [(b.what, b.nbytes, b.source) for b in memory.live_at_peak(5)])
         executor = EXECUTORS[self.mode](module, donate_argnums=sorted(self.donated))
         return Compiled(module, self.chip, memory, executor, self.in_tree, self.out_tree)
 

@@ -40,6 +40,6 @@ class HBMCapacityError(MemoryError):
         )
         super().__init__(
             f"mtia_jax.jit: the program needs {peak_bytes / 2**30:.3f} GiB of HBM at its peak but "
-            f"{chip} has {capacity_bytes / 2**30:.3f} GiB. Largest buffers:\n{rows}\n"
+            f"{chip} has {capacity_bytes / 2**30:.3f} GiB. The largest buffers live at that point:\n{rows}\n"
             f"Shrink the batch or model, use MX weights, or shard over a mesh."
         )

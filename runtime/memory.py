@@ -46,6 +46,11 @@ class MemoryPlan:
     def largest(self, n: int = 5) -> list[Buffer]:
         return sorted(self.buffers, key=lambda b: -b.nbytes)[:n]
 
+    def live_at_peak(self, n: int = 5) -> list[Buffer]:
+        """The ``n`` largest buffers alive when the program needs the most HBM."""
+        live = [b for b in self.buffers if b.start <= self.peak_at <= b.end]
+        return sorted(live, key=lambda b: -b.nbytes)[:n]
+
     # the names of jax's ``CompiledMemoryStats``
     @property
     def argument_size_in_bytes(self) -> int:

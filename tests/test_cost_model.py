@@ -123,6 +123,23 @@ def test_peak_hbm_counts_live_buffers_and_reuses_dead_ones_in_place():
     assert plan_memory(_unfused(diamond, x)).peak_bytes == 3 * 4 * n
 
 
+def test_hbm_overflow_lists_the_five_largest_live_buffers_with_source_lines():
+    def f(x):
+        a = x * 2.0   # 1
+        b = a + x     # 2
+        c = jnp.tanh(b) @ a  # 3, 4
+        return c + b + a
+
+    big = jax.ShapeDtypeStruct((1 << 15, 1 << 15), jnp.float32)  # 4 GiB each
+    tiny = chips.get("mtia450").replace(hbm_bytes=12 * 2**30)
+    with pytest.raises(HBMCapacityError) as info:
+        mtia_jax.jit(f, chip=tiny).lower(big).compile()
+    rows = [line for line in str(info.value).splitlines() if "GiB  " in line]
+    assert 1 <= len(rows) <= 5
+    assert all("f32[32768,32768]" in row for row in rows)
+    assert any(f"{__file__}:" in row for row in rows)
+
+
 def test_hbm_overflow_fails_to_compile_naming_the_buffers():
     big = jax.ShapeDtypeStruct((1 << 17, 1 << 17), jnp.float32)  # 64 GiB each
 
@@ -132,6 +149,7 @@ def test_hbm_overflow_fails_to_compile_naming_the_buffers():
     with pytest.raises(HBMCapacityError) as info:
         mtia_jax.jit(f, chip="h100").lower(big, big).compile()
     message = str(info.value)
-    assert "h100" in message and "argument 0" in message and "GiB" in message
+    assert "h100" in message and "argument 0: f32[131072,131072]" in message and "GiB" in message
+    assert "74.506 GiB" in message  # the capacity: 80e9 bytes
     # the same program fits in MTIA 450's 288 GB
     mtia_jax.jit(f, chip="mtia450").lower(big, big).compile()
