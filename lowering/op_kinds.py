@@ -27,15 +27,16 @@ _GROUPS = {
     "elementwise": (
         "add", "add_any", "sub", "mul", "div", "rem", "neg", "max", "min", "integer_pow",
         "abs", "sign", "square", "floor", "ceil", "round", "clamp", "nextafter", "eq", "ne",
-        "lt", "le", "gt", "ge", "and", "or", "xor", "not", "shift_left", "shift_right_logical",
-        "shift_right_arithmetic", "population_count", "clz", "select_n",
+        "lt", "le", "gt", "ge", "eq_to", "lt_to", "le_to", "and", "or", "xor", "not",
+        "shift_left", "shift_right_logical", "shift_right_arithmetic", "population_count",
+        "clz", "select_n",
         "convert_element_type", "bitcast_convert_type", "reduce_precision", "is_finite",
     ),
     "transcendental": (
         "exp", "exp2", "log", "log1p", "expm1", "pow", "tanh", "logistic", "sqrt", "rsqrt",
         "cbrt", "erf", "erfc", "erf_inv", "sin", "cos", "tan", "asin", "acos", "atan", "atan2",
         "sinh", "cosh", "asinh", "acosh", "atanh", "lgamma", "digamma", "polygamma", "zeta",
-        "igamma", "igammac", "igamma_grad_a", "random_gamma_grad", "bessel_i0e", "bessel_i1e",
+        "igamma", "igammac", "igamma_grad_a", "bessel_i0e", "bessel_i1e",
         "regularized_incomplete_beta",
     ),
     "reduction": (
@@ -59,13 +60,16 @@ _GROUPS = {
     ),
     "data_movement": (
         "broadcast_in_dim", "transpose", "concatenate", "slice", "dynamic_slice",
-        "dynamic_update_slice", "iota", "copy", "tile", "pad", "rev", "split",
+        "dynamic_update_slice", "iota", "copy", "tile", "pad", "rev", "split", "stack",
+        "unstack",
     ),
     "view": (
         "reshape", "squeeze", "expand_dims", "stop_gradient", "optimization_barrier",
         "random_wrap", "random_unwrap", "random_clone",
     ),
-    "constant": ("constant",),
+    # platform_index: which branch of lax.platform_dependent runs; resolved
+    # when the host program is compiled, a scalar immediate on the device
+    "constant": ("constant", "platform_index"),
     "host": ("host_fallback",),
 }
 

@@ -130,7 +130,9 @@ def plan_memory(module: Module, donated: frozenset[int] = frozenset()) -> Memory
                 owner[r] = reuse
                 end[reuse] = max(end[reuse], last_use.get(r, index))
             else:
-                new_buffer(r, -1 if kind == "constant" else index, f"{op.kind} result {r.type}", op.source)
+                maker = _producer(op, r)
+                new_buffer(r, -1 if kind == "constant" else index, f"{maker.kind} result {r.type}",
+                           maker.source)
 
     params = set(module.params)
     output_owners = {owner[v] for v in module.outputs}
@@ -149,6 +151,13 @@ def plan_memory(module: Module, donated: frozenset[int] = frozenset()) -> Memory
         output_bytes=sum(v.type.nbytes for v in dict.fromkeys(module.outputs)),
         temp_bytes=_sweep([b for b in buffers if b.role == "temp"], n_ops).peak_bytes,
         alias_bytes=sum(p.type.nbytes for i, p in enumerate(module.params) if i in donated))
+
+
+def _producer(op, value):
+    """The op that computes ``value``: inside a fused kernel, the body's op."""
+    if op.kind == "fused_kernel":
+        return op.regions["body"].producers().get(value, op)
+    return op
 
 
 def _region_scratch(op, index: int) -> Buffer:
