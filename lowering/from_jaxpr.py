@@ -152,6 +152,17 @@ def _forward_rule(builder: "Builder", eqn: jcore.JaxprEqn, operands: list[Value]
     return list(operands)
 
 
+def _body_rule(param: str) -> Rule:
+    """Inline a call-like primitive whose body is the ClosedJaxpr ``params[param]``
+    (lax.composite: its decomposition; custom_vmap_call: its unbatched body)."""
+
+    def rule(builder: "Builder", eqn: jcore.JaxprEqn, operands: list[Value]) -> list[Value]:
+        body = eqn.params[param]
+        return builder.import_jaxpr(body.jaxpr, body.consts, operands)
+
+    return rule
+
+
 IMPORT_RULES: dict[str, Rule] = {
     **{name: _device_or_host_rule for name in GENERIC_PRIMITIVES},
     **{name: _inline_rule for name in CALL_PRIMITIVES},
@@ -159,6 +170,8 @@ IMPORT_RULES: dict[str, Rule] = {
     **{name: _host_fallback_rule for name in HOST_PRIMITIVES},
     "custom_linear_solve": _custom_linear_solve_rule,
     "device_put": _forward_rule,
+    "composite": _body_rule("jaxpr"),
+    "custom_vmap_call": _body_rule("call"),
 }
 
 
