@@ -117,10 +117,10 @@ def plan_memory(module: Module, donated: frozenset[int] = frozenset()) -> Memory
         new_buffer(p, -1, f"argument {i}: {p.type}", None)
     for index, op in enumerate(module.ops):
         kind = category(op)
-        for r in op.results:
+        for position, r in enumerate(op.results):
             reuse = None
-            if kind == "view":
-                reuse = owner[op.operands[0]]
+            if kind == "view":  # result i is operand i (optimization_barrier has several)
+                reuse = owner[op.operands[min(position, len(op.operands) - 1)]]
             elif _in_place(op):
                 # take over an operand's buffer of the same size that dies here
                 reuse = next((owner[v] for v in op.operands

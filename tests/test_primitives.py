@@ -640,8 +640,6 @@ def test_closure_captured_keys():
     check(g, jnp.ones(2))
 
 
-@pytest.mark.xfail(reason="lowering/passes/canonicalize.py folds a slice of a captured key "
-                          "array through np.asarray, which PRNG key arrays do not support")
 def test_closure_captured_key_array_sliced():
     keys = jax.random.split(jax.random.key(0), 3)
     check(lambda x: x + jax.random.normal(keys[1], x.shape), jnp.ones(3))

@@ -3,7 +3,7 @@
 Calls (``jit``, ``custom_jvp_call`` ...) are already inlined by the importer.
 
 Folding evaluates an op whose operands are all constants and whose result is
-small. Only ops whose result is exactly rounded by IEEE arithmetic are
+small (PRNG key values are left alone: they have no NumPy form). Only ops whose result is exactly rounded by IEEE arithmetic are
 folded (``FOLDABLE``), so the folded value is bit for bit what XLA computes,
 whether XLA folds the same expression at compile time or evaluates it.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lowering.ir import Module, Op, Value
+from lowering.ir import Module, Op, Value, is_extended
 from lowering.passes import dce
 
 FOLD_MAX_ELEMENTS = 1024
@@ -44,7 +44,8 @@ def fold_constants(module: Module) -> Module:
         if op.regions:
             op = dataclasses.replace(op, regions={k: fold_constants(r) for k, r in op.regions.items()})
         elif (op.kind in FOLDABLE and len(op.results) == 1
-              and op.results[0].type.size <= FOLD_MAX_ELEMENTS):
+              and op.results[0].type.size <= FOLD_MAX_ELEMENTS
+              and not any(is_extended(v.type.dtype) for v in (*op.operands, *op.results))):
             values = [_constant_value(producers.get(v)) for v in op.operands]
             if all(v is not None for v in values):
                 with jax.ensure_compile_time_eval():  # also when compiled under a jax trace
