@@ -17,6 +17,7 @@ by the cost model (which rule prices each op).
 - data_movement:  a kernel that only moves bytes (DMA)
 - view:           metadata only (shape change, identity); no kernel
 - constant:       baked into the program; no kernel
+- accelerated:    mtia-jax's own primitives for MTIA's dedicated hardware
 - host:           no MTIA kernel: runs on the host CPU, operands and results
                   cross the host link
 """
@@ -70,6 +71,12 @@ _GROUPS = {
     # platform_index: which branch of lax.platform_dependent runs; resolved
     # when the host program is compiled, a scalar immediate on the device
     "constant": ("constant", "platform_index"),
+    # mtia-jax's own primitives (``mtia_jax.primitives``): the operations MTIA
+    # has dedicated hardware for; work rules in ``runtime.accelerated``
+    "accelerated": (
+        "mx_matmul", "flash_attention", "rms_norm", "layer_norm", "swiglu", "moe_ffn",
+        "embedding_bag",
+    ),
     "host": ("host_fallback",),
 }
 

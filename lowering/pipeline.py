@@ -13,9 +13,9 @@ from types import ModuleType
 from typing import Any
 
 from lowering.ir import Module
-from lowering.passes import canonicalize, fusion, tiling
+from lowering.passes import attention, canonicalize, fusion, precision, tiling
 
-PASSES: tuple[ModuleType, ...] = (canonicalize, fusion, tiling)
+PASSES: tuple[ModuleType, ...] = (canonicalize, attention, precision, fusion, tiling)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +23,7 @@ class PassContext:
     """What passes may consult: the target chip, and user options."""
 
     chip: Any
+    precision: Any = None  # a mtia_jax.PrecisionPolicy, or None
 
 
 def pass_name(p: ModuleType) -> str:

@@ -22,6 +22,11 @@ _LAZY = {
     "devices": ("runtime.device", "devices"),
     "Device": ("runtime.device", "Device"),
     "profiler": ("mtia_jax.profiler", None),
+    "estimate": ("mtia_jax.estimate", "estimate"),
+    "Report": ("mtia_jax.estimate", "Report"),
+    "PrecisionPolicy": ("mtia_jax.precision", "PrecisionPolicy"),
+    "precision_policy": ("mtia_jax.precision", "precision_policy"),
+    "errors": ("mtia_jax.errors", None),
 }
 
 __all__ = sorted(_LAZY)

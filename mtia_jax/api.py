@@ -27,6 +27,7 @@ from lowering.ir import Module
 from lowering.pipeline import PassContext, run_passes
 from mtia_jax import chips as chip_catalogue
 from mtia_jax.errors import HBMCapacityError
+from mtia_jax.precision import resolve as resolve_precision
 from runtime.cost_model import ProgramCost, program_cost
 from runtime.executor import EXECUTORS
 from runtime.memory import MemoryPlan, plan_memory
@@ -126,21 +127,27 @@ class _Signature:
 class Lowered:
     """A traced program imported into MTIA IR, not yet compiled."""
 
-    def __init__(self, module: Module, chip, in_tree, out_tree, donated: frozenset[int], mode: str):
+    def __init__(self, module: Module, chip, in_tree, out_tree, donated: frozenset[int], mode: str,
+                 precision=None):
         self.module = module
         self.chip = chip
         self.in_tree = in_tree
         self.out_tree = out_tree
         self.donated = donated
         self.mode = mode
+        self.precision = precision
 
     def as_text(self) -> str:
         """The MTIA IR as imported from the jaxpr, with user source lines."""
         return self.module.as_text()
 
+    def optimize(self) -> tuple[Module, MemoryPlan]:
+        """Run the pass pipeline and plan HBM; no numerics, nothing allocated."""
+        module = run_passes(self.module, PassContext(chip=self.chip, precision=self.precision))
+        return module, plan_memory(module, self.donated)
+
     def compile(self) -> "Compiled":
-        module = run_passes(self.module, PassContext(chip=self.chip))
-        memory = plan_memory(module, self.donated)
+        module, memory = self.optimize()
         if memory.peak_bytes > self.chip.hbm_bytes:
             raise HBMCapacityError(
                 self.chip.name, memory.peak_bytes, self.chip.hbm_bytes,
@@ -323,7 +330,7 @@ class JitFunction:
     """The callable returned by :func:`jit`."""
 
     def __init__(self, fun: Callable, *, chip, static_argnums, static_argnames,
-                 donate_argnums, mode: str):
+                 donate_argnums, mode: str, precision=None):
         if mode not in EXECUTORS:
             raise ValueError(f"mtia_jax.jit: unknown mode {mode!r}; choose one of {sorted(EXECUTORS)}")
         if chip is not None:
@@ -331,6 +338,8 @@ class JitFunction:
         self._fun = fun
         self._chip = None if chip is None else chip_catalogue.get(chip)
         self._mode = mode
+        self._precision = precision
+        resolve_precision(precision)  # validates early
         self._signature = _Signature(fun, static_argnums, static_argnames, donate_argnums)
         self._cache: dict[Any, Compiled] = {}
         functools.update_wrapper(self, fun)
@@ -338,6 +347,10 @@ class JitFunction:
     def _resolve_chip(self):
         # without an explicit chip, follow $MTIA_JAX_CHIP at call time
         return self._chip if self._chip is not None else chip_catalogue.default()
+
+    def _resolve_precision(self):
+        # without an explicit policy, follow the enclosing precision_policy block
+        return resolve_precision(self._precision)
 
     def _spec(self, args, kwargs):
         if self._signature.has_statics:
@@ -368,12 +381,13 @@ class JitFunction:
         closed = jax.make_jaxpr(flat_fun)(*structs)
         name = getattr(self._fun, "__name__", "main")
         module = import_closed_jaxpr(closed, name=name if name.isidentifier() else "main")
-        return Lowered(module, self._resolve_chip(), spec.in_tree, out_tree_box[0], donated, self._mode)
+        return Lowered(module, self._resolve_chip(), spec.in_tree, out_tree_box[0], donated, self._mode,
+                       self._resolve_precision())
 
     def __call__(self, *args, **kwargs):
         spec, leaves = self._spec(args, kwargs)
         chip = self._resolve_chip()
-        key = (spec.key, chip)
+        key = (spec.key, chip, self._resolve_precision())
         compiled = self._cache.get(key)
         if compiled is None:
             compiled = self._lower(spec, self._signature.donated_leaves(args)).compile()
@@ -385,7 +399,7 @@ class JitFunction:
 
 
 def jit(fun: Callable | None = None, *, chip=None, static_argnums=(), static_argnames=(),
-        donate_argnums=(), mode: str = "graph"):
+        donate_argnums=(), mode: str = "graph", precision=None):
     """Compile ``fun`` for a modeled MTIA chip; results equal ``jax.jit(fun)``.
 
     Args:
@@ -396,9 +410,11 @@ def jit(fun: Callable | None = None, *, chip=None, static_argnums=(), static_arg
       static_argnums, static_argnames, donate_argnums: as for ``jax.jit``.
       mode: ``"graph"`` (one host XLA program, the default) or ``"eager"``
         (one host dispatch per kernel, for debugging).
+      precision: a ``mtia_jax.PrecisionPolicy`` for the program's matmuls;
+        default: the enclosing ``mtia_jax.precision_policy`` block, if any.
     """
     options = dict(chip=chip, static_argnums=static_argnums, static_argnames=static_argnames,
-                   donate_argnums=donate_argnums, mode=mode)
+                   donate_argnums=donate_argnums, mode=mode, precision=precision)
     if fun is None:
         return functools.partial(jit, **options)
     return JitFunction(fun, **options)

@@ -122,35 +122,37 @@ class ProgramCost:
         return float(sum(getattr(k, field) for k in self.kernels))
 
 
-def _engine_time(work, chip: ChipSpec, efficiency: float = 1.0) -> float:
-    """Seconds of compute on the engine that runs ``work``; ``efficiency`` is
-    the fraction of the matrix engine the kernel's tile keeps busy."""
-    if work.engine == "matrix":
-        peak = chip.matmul_peak(work.dtype) * efficiency
-    else:
-        peak = chip.vector_peak(work.dtype) if work.dtype is not None else np.inf
-    # the special-function unit is modeled at the vector rate, one op per element
-    return (work.flops + work.transcendentals) / peak
-
-
 def _engine_times(works, chip: ChipSpec, efficiency: float) -> dict[str, float]:
+    """Seconds of compute per engine; ``efficiency`` is the fraction of the
+    matrix engine the kernel's tile keeps busy. The special-function unit is
+    modeled at the vector rate, one op per element, unless the op runs in a
+    dedicated unit the chip has."""
     per_engine = {"matrix": 0.0, "vector": 0.0}
     for work in works:
-        per_engine[work.engine] += _engine_time(work, chip, efficiency)
+        vector_peak = chip.vector_peak(work.dtype) if work.dtype is not None else np.inf
+        special = 0.0 if work.unit in chip.units else work.transcendentals / vector_peak
+        if work.engine == "matrix":
+            per_engine["matrix"] += work.flops / (chip.matmul_peak(work.dtype) * efficiency)
+            per_engine["vector"] += special
+        else:
+            per_engine["vector"] += work.flops / vector_peak + special
     return per_engine
 
 
 def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
     """One execution of ``op`` on ``chip``."""
     io = (*op.operands, *op.results)
+    fused = op.kind == "fused_kernel"
+    works = [work_of(inner) for inner in op.regions["body"].ops] if fused else [work_of(op)]
     accessed = float(sum(v.type.nbytes for v in io))
     hbm = float(sum(v.type.nbytes for v in io if not _is_immediate(v)))
+    if not fused and works[0].hbm_bytes is not None:
+        accessed = hbm = float(works[0].hbm_bytes)
+    hbm += sum(w.bytes_saved_by_unit for w in works if w.unit not in chip.units)
     tile = op.attrs.get("tile")  # chosen by lowering.passes.tiling
     efficiency = tile.efficiency if tile is not None else 1.0
     if tile is not None:
         hbm += tile.extra_hbm_bytes
-    fused = op.kind == "fused_kernel"
-    works = [work_of(inner) for inner in op.regions["body"].ops] if fused else [work_of(op)]
     kind = f"fused_kernel[{op.attrs['ops']}]" if fused else op.kind
     host = any(w.engine == "host" for w in works)
     # The matrix engine and the vector units work concurrently on the tiles of

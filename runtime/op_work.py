@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -49,10 +49,18 @@ from lowering.op_kinds import KIND_CATEGORY
 class OpWork:
     """What an op asks of the hardware, independent of any chip."""
 
-    flops: float = 0.0
-    transcendentals: float = 0.0
+    flops: float = 0.0            # on ``engine``
+    transcendentals: float = 0.0  # on the special-function unit (vector rate)
     engine: str = "vector"  # "matrix", "vector", or "host" (runs on the host CPU)
-    dtype: np.dtype | None = None
+    dtype: Any = None       # compute dtype or MX format name, for the engine's peak
+    # HBM bytes when they differ from the op's operands + results (packed MX
+    # data, only the experts that receive tokens, rows gathered at random)
+    hbm_bytes: float | None = None
+    # a dedicated unit (``ChipSpec.units``) that runs this op: on a chip that
+    # has it, the op's special-function work runs inside the unit alongside the
+    # matrix engine and ``bytes_saved_by_unit`` are not moved
+    unit: str | None = None
+    bytes_saved_by_unit: float = 0.0
 
 
 def _compute_dtype(dtype) -> np.dtype:
@@ -327,8 +335,12 @@ KIND_RULES: dict[str, Callable[[Op], OpWork]] = {
 }
 
 
+# mtia-jax's own primitives; imported here because their rules build OpWorks
+from runtime.accelerated import RULES as ACCELERATED_RULES  # noqa: E402
+
+
 def work_of(op: Op) -> OpWork:
-    rule = KIND_RULES.get(op.kind)
+    rule = KIND_RULES.get(op.kind) or ACCELERATED_RULES.get(op.kind)
     if rule is None:
         rule = CATEGORY_RULES[KIND_CATEGORY[op.kind]]
     return rule(op)

@@ -1,0 +1,3 @@
+"""Work rules for the attention primitives (see runtime.accelerated)."""
+
+RULES: dict = {}

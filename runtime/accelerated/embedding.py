@@ -1,0 +1,3 @@
+"""Work rules for the embedding primitives (see runtime.accelerated)."""
+
+RULES: dict = {}

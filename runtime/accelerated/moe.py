@@ -1,0 +1,3 @@
+"""Work rules for the moe primitives (see runtime.accelerated)."""
+
+RULES: dict = {}

@@ -1,0 +1,3 @@
+"""Work rules for the mx_matmul primitives (see runtime.accelerated)."""
+
+RULES: dict = {}

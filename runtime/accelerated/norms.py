@@ -1,0 +1,3 @@
+"""Work rules for the norms primitives (see runtime.accelerated)."""
+
+RULES: dict = {}
