@@ -33,15 +33,18 @@ import numpy as np
 
 from lowering.ir import Module, Op
 from lowering.op_kinds import KIND_CATEGORY, NO_KERNEL
+from lowering.regions import REGION_KINDS
 from mtia_jax.chips import ChipSpec
 from runtime.op_work import work_of
 from runtime.schedule import schedule
 
 
 def category(op: Op) -> str:
+    """The kind of kernel ``op`` is: a ``lowering.op_kinds`` category, "fused"
+    for a fused kernel, or "region" for control flow (scan, while, cond)."""
     if op.kind == "fused_kernel":
         return "fused"
-    if op.regions:
+    if op.kind in REGION_KINDS:
         return "region"
     try:
         return KIND_CATEGORY[op.kind]
@@ -189,7 +192,7 @@ class _Walk:
     def module(self, module: Module, executions: float, prefix: str) -> None:
         for i, op in enumerate(module.ops):
             path = f"{prefix}{i}"
-            if op.regions and not is_kernel(op):
+            if category(op) == "region":
                 for name, n in REGION_EXECUTIONS[op.kind](self, op, executions, path).items():
                     if n > 0:
                         self.module(op.regions[name], n, f"{path}/{name}/")

@@ -132,17 +132,20 @@ def _emit_cond(op: Op, args: list[Any], path: str) -> tuple[list[Any], Counts]:
     return list(outs), counts
 
 
-def _emit_fused(op: Op, args: list[Any], path: str) -> tuple[list[Any], Counts]:
-    # the body's ops run in order inside the one host program; XLA fuses them
+def _emit_body(op: Op, args: list[Any], path: str) -> tuple[list[Any], Counts]:
+    # An op computed by its ``body`` region: a fused kernel, or a pattern the
+    # compiler recognised (jnp attention as flash_attention). The body's ops
+    # run in order inside the one host program, so numerics are unchanged.
     return host_function(op.regions["body"], f"{path}/body/")(*args)
 
 
+# control-flow region ops; any other op with regions is computed by its "body"
 REGION_EMIT_RULES: dict[str, RegionEmitRule] = {
-    "fused_kernel": _emit_fused,
     "scan": _emit_scan,
     "while": _emit_while,
     "cond": _emit_cond,
 }
+CONTROL_FLOW = frozenset(REGION_EMIT_RULES)
 
 
 # ------------------------------------------------------------ functions
@@ -155,8 +158,8 @@ def host_function(module: Module, path: str = "") -> Callable[..., tuple[list[An
         counts: Counts = {}
         for i, op in enumerate(module.ops):
             args = [env[v] for v in op.operands]
-            if op.regions:
-                outs, inner = REGION_EMIT_RULES[op.kind](op, args, f"{path}{i}")
+            if op.regions:  # control flow, or an op computed by its body (a fused kernel)
+                outs, inner = REGION_EMIT_RULES.get(op.kind, _emit_body)(op, args, f"{path}{i}")
                 counts.update(inner)
             else:
                 outs = emit_op(op, args)
@@ -189,10 +192,6 @@ class EagerExecutor:
     flow dispatch, so there the region op's results are checked instead.
     """
 
-    # region ops whose region runs once, straight through, on the op's
-    # operands (so its ops can run and be checked one by one)
-    INLINE_REGIONS = {"fused_kernel": "body"}
-
     def __init__(self, module: Module, donate_argnums: Sequence[int] = ()):
         from runtime.cost_model import is_kernel
         self._module = module
@@ -209,9 +208,9 @@ class EagerExecutor:
         for i, op in enumerate(module.ops):
             here = f"{path}{i}"
             args = [env[v] for v in op.operands]
-            inline = self.INLINE_REGIONS.get(op.kind)
-            if inline is not None:
-                outs, inner = self._run(op.regions[inline], args, f"{here}/{inline}/", checks)
+            if op.regions and op.kind not in CONTROL_FLOW:
+                # an op computed by its body, straight through: run and check its ops one by one
+                outs, inner = self._run(op.regions["body"], args, f"{here}/body/", checks)
             elif op.regions:
                 outs, inner = REGION_EMIT_RULES[op.kind](op, args, here)
                 if checks:
@@ -268,7 +267,7 @@ class EagerExecutor:
             inside = f", inside the fused kernel at op {outer}"
         else:
             inside = ""
-        if op.regions and op.kind not in EagerExecutor.INLINE_REGIONS:
+        if op.kind in CONTROL_FLOW:
             what = (f"the '{name}' region op (op {path}){where}. Kernels inside scan/while/cond "
                     f"bodies are not checked one by one, so the {found} arose somewhere in this "
                     f"region's body")
