@@ -26,10 +26,14 @@ from lowering.from_jaxpr import import_closed_jaxpr
 from lowering.ir import Module
 from lowering.pipeline import PassContext, run_passes
 from mtia_jax import chips as chip_catalogue
+from mtia_jax import config
 from mtia_jax.errors import HBMCapacityError
+from mtia_jax.profiler import Profile
 from mtia_jax.precision import resolve as resolve_precision
 from runtime.cost_model import ProgramCost, program_cost
-from runtime.executor import EXECUTORS
+from runtime import trace
+from runtime.device import device_for
+from runtime.executor import EXECUTORS, EagerExecutor
 from runtime.memory import MemoryPlan, plan_memory
 
 # ------------------------------------------------------------ arguments
@@ -168,11 +172,6 @@ class Compiled:
     _TRACER = jax.core.Tracer
 
     def __init__(self, module: Module, chip, memory: MemoryPlan, executor, in_tree, out_tree):
-        from mtia_jax import config
-        from runtime import trace
-        from runtime.device import device_for
-        from runtime.executor import EagerExecutor
-
         self.module = module
         self.chip = chip
         self.memory = memory
@@ -231,7 +230,6 @@ class Compiled:
     def _check_outputs(self, leaves: Sequence, outs: Sequence) -> None:
         """Graph mode with debug_nans/debug_infs: if an output holds a NaN/Inf,
         re-run the call kernel by kernel, which raises naming the kernel."""
-        from runtime.executor import EagerExecutor
 
         checks = EagerExecutor.enabled_checks()
         for index, out in enumerate(outs):
@@ -315,7 +313,6 @@ class Compiled:
         """The modeled per-kernel profile (``mtia_jax.profiler.Profile``):
         ``.rows`` sorted by modeled time; ``str()`` is an aligned table.
         While loops use the trip counts of the last call."""
-        from mtia_jax.profiler import Profile
         return Profile.from_cost(self.cost)
 
     def kernel_table(self) -> str:
