@@ -19,7 +19,7 @@ from mtia_jax.errors import MTIAHostFallbackWarning, UnsupportedOperationError
 from lowering.ir import Module, Op, SourceLoc, TensorType, Value, is_extended
 from lowering.op_kinds import (GENERIC_PRIMITIVES, HOST_DTYPE_REASONS, HOST_PRIMITIVES,
                                KIND_CATEGORY, NO_KERNEL)
-from lowering import regions
+from lowering import collectives, regions
 
 # ------------------------------------------------------------- primitives
 # Generic ops (``lowering.op_kinds.GENERIC_PRIMITIVES``): one op per
@@ -172,6 +172,7 @@ IMPORT_RULES: dict[str, Rule] = {
     "device_put": _forward_rule,
     "composite": _body_rule("jaxpr"),
     "custom_vmap_call": _body_rule("call"),
+    **collectives.IMPORT_RULES,
 }
 
 

@@ -132,6 +132,9 @@ class Module:
     params: list[Value]
     ops: list[Op]
     outputs: list[Value]
+    # for a per-device program: the mesh and the placements of its inputs and
+    # outputs (``lowering.passes.partition.SpmdLayout``); None otherwise
+    layout: Any = None
 
     def as_text(self) -> str:
         return print_module(self)

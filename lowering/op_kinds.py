@@ -67,10 +67,14 @@ _GROUPS = {
     "view": (
         "reshape", "squeeze", "expand_dims", "stop_gradient", "optimization_barrier",
         "random_wrap", "random_unwrap", "random_clone",
+        "shard_slice",  # this device's block of a value every device holds
+        "sharding_constraint",  # the identity on values; the partition pass reads it
     ),
     # platform_index: which branch of lax.platform_dependent runs; resolved
     # when the host program is compiled, a scalar immediate on the device
-    "constant": ("constant", "platform_index"),
+    "constant": ("constant", "platform_index", "axis_index"),
+    # communication between the devices of a mesh (``lowering.collectives``)
+    "collective": ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "permute"),
     # mtia-jax's own primitives (``mtia_jax.primitives``): the operations MTIA
     # has dedicated hardware for; work rules in ``runtime.accelerated``
     "accelerated": (
@@ -83,7 +87,7 @@ _GROUPS = {
 KIND_CATEGORY: dict[str, str] = {kind: group for group, kinds in _GROUPS.items() for kind in kinds}
 
 # kinds that are not JAX primitives: created by the importer itself
-_NON_PRIMITIVE_KINDS = frozenset({"constant", "host_fallback"})
+_NON_PRIMITIVE_KINDS = frozenset({"constant", "host_fallback", "all_reduce", "permute", "shard_slice"})
 
 # kinds that are JAX primitives imported one-to-one as generic ops
 GENERIC_PRIMITIVES: frozenset[str] = frozenset(KIND_CATEGORY) - _NON_PRIMITIVE_KINDS

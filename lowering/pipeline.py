@@ -13,9 +13,9 @@ from types import ModuleType
 from typing import Any
 
 from lowering.ir import Module
-from lowering.passes import attention, canonicalize, fusion, precision, tiling
+from lowering.passes import attention, canonicalize, fusion, partition, precision, tiling
 
-PASSES: tuple[ModuleType, ...] = (canonicalize, attention, precision, fusion, tiling)
+PASSES: tuple[ModuleType, ...] = (canonicalize, attention, precision, partition, fusion, tiling)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +24,11 @@ class PassContext:
 
     chip: Any
     precision: Any = None  # a mtia_jax.PrecisionPolicy, or None
+    # SPMD: {mesh axis: size}, and one spec (mesh axis or None per dim) per
+    # flat input and output (None: unconstrained); see passes/partition.py
+    mesh: Any = None
+    in_specs: Any = None
+    out_specs: Any = None
 
 
 def pass_name(p: ModuleType) -> str:

@@ -26,7 +26,7 @@ from lowering.from_jaxpr import import_closed_jaxpr
 from lowering.ir import Module
 from lowering.pipeline import PassContext, run_passes
 from mtia_jax import chips as chip_catalogue
-from mtia_jax import config
+from mtia_jax import config, sharding
 from mtia_jax.errors import HBMCapacityError
 from mtia_jax.profiler import Profile
 from mtia_jax.precision import resolve as resolve_precision
@@ -132,7 +132,7 @@ class Lowered:
     """A traced program imported into MTIA IR, not yet compiled."""
 
     def __init__(self, module: Module, chip, in_tree, out_tree, donated: frozenset[int], mode: str,
-                 precision=None):
+                 precision=None, mesh=None, in_specs=None, out_specs=None, numerics: str = "vmap"):
         self.module = module
         self.chip = chip
         self.in_tree = in_tree
@@ -140,6 +140,7 @@ class Lowered:
         self.donated = donated
         self.mode = mode
         self.precision = precision
+        self.mesh, self.in_specs, self.out_specs, self.numerics = mesh, in_specs, out_specs, numerics
 
     def as_text(self) -> str:
         """The MTIA IR as imported from the jaxpr, with user source lines."""
@@ -147,7 +148,9 @@ class Lowered:
 
     def optimize(self) -> tuple[Module, MemoryPlan]:
         """Run the pass pipeline and plan HBM; no numerics, nothing allocated."""
-        module = run_passes(self.module, PassContext(chip=self.chip, precision=self.precision))
+        ctx = PassContext(chip=self.chip, precision=self.precision, mesh=self.mesh,
+                          in_specs=self.in_specs, out_specs=self.out_specs)
+        module = run_passes(self.module, ctx)
         return module, plan_memory(module, self.donated)
 
     def compile(self) -> "Compiled":
@@ -156,7 +159,11 @@ class Lowered:
             raise HBMCapacityError(
                 self.chip.name, memory.peak_bytes, self.chip.hbm_bytes,
                 [(b.what, b.nbytes, b.source) for b in memory.live_at_peak(5)])
-        executor = EXECUTORS[self.mode](module, donate_argnums=sorted(self.donated))
+        if module.layout is not None and self.mode != "graph":
+            raise ValueError("mtia_jax.jit: sharded programs run in mode='graph' (eager mode runs one "
+                             "device's kernels); drop mode='eager' or the shardings")
+        extra = {"numerics": self.numerics} if module.layout is not None else {}
+        executor = EXECUTORS[self.mode](module, donate_argnums=sorted(self.donated), **extra)
         return Compiled(module, self.chip, memory, executor, self.in_tree, self.out_tree)
 
 
@@ -297,6 +304,8 @@ class Compiled:
             "efficiency": cost.roofline_time_s / time if time > 0 else 1.0,
             "peak_hbm_bytes": float(self.memory.peak_bytes),
             "kernels": float(len(cost.kernels)),
+            "collective_bytes": cost.total("collective_bytes"),
+            "collective_time_s": float(sum(k.time_s for k in cost.kernels if k.stream == "network")),
             # while loops whose trip count is assumed (1 per execution) because
             # the program has not run yet
             "unmeasured_loops": float(len(cost.assumed_loops)),
@@ -327,7 +336,8 @@ class JitFunction:
     """The callable returned by :func:`jit`."""
 
     def __init__(self, fun: Callable, *, chip, static_argnums, static_argnames,
-                 donate_argnums, mode: str, precision=None):
+                 donate_argnums, mode: str, precision=None, in_shardings=None, out_shardings=None,
+                 mesh=None, numerics: str = "vmap"):
         if mode not in EXECUTORS:
             raise ValueError(f"mtia_jax.jit: unknown mode {mode!r}; choose one of {sorted(EXECUTORS)}")
         if chip is not None:
@@ -337,6 +347,12 @@ class JitFunction:
         self._mode = mode
         self._precision = precision
         resolve_precision(precision)  # validates early
+        if numerics not in ("vmap", "spmd"):
+            raise ValueError(f"mtia_jax.jit: numerics={numerics!r}; choose 'vmap' (logical devices on "
+                             f"one host device) or 'spmd' (shard_map over real JAX devices)")
+        self._in_shardings, self._out_shardings = in_shardings, out_shardings
+        self._mesh = sharding.find_mesh(mesh, in_shardings, out_shardings)
+        self._numerics = numerics
         self._signature = _Signature(fun, static_argnums, static_argnames, donate_argnums)
         self._cache: dict[Any, Compiled] = {}
         functools.update_wrapper(self, fun)
@@ -378,8 +394,25 @@ class JitFunction:
         closed = jax.make_jaxpr(flat_fun)(*structs)
         name = getattr(self._fun, "__name__", "main")
         module = import_closed_jaxpr(closed, name=name if name.isidentifier() else "main")
+        mesh, in_specs, out_specs = self._specs(spec, structs, closed, out_tree_box[0])
         return Lowered(module, self._resolve_chip(), spec.in_tree, out_tree_box[0], donated, self._mode,
-                       self._resolve_precision())
+                       self._resolve_precision(), mesh, in_specs, out_specs, self._numerics)
+
+    def _specs(self, spec: _ArgSpec, structs, closed, out_tree):
+        """(mesh sizes, spec per flat input, spec per flat output) for partitioning."""
+        if self._mesh is None:
+            return None, None, None
+        sizes = sharding.mesh_sizes(self._mesh)
+        dyn_args, _ = tree_util.tree_unflatten(spec.in_tree, structs)
+        arg_paths = tree_util.tree_flatten_with_path(dyn_args)[0]
+        in_specs = sharding.flat_specs(self._in_shardings, tuple(dyn_args), arg_paths, sizes, "argument")
+        in_specs += [None] * (len(structs) - len(in_specs))  # keyword arguments: replicated
+        in_specs = [s if s is not None else (None,) * len(x.shape) for s, x in zip(in_specs, structs)]
+        outs = tree_util.tree_unflatten(out_tree, [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype)
+                                                   for v in closed.jaxpr.outvars])
+        out_paths = tree_util.tree_flatten_with_path(outs)[0]
+        out_specs = sharding.flat_specs(self._out_shardings, outs, out_paths, sizes, "output")
+        return sizes, in_specs, out_specs
 
     def __call__(self, *args, **kwargs):
         spec, leaves = self._spec(args, kwargs)
@@ -396,7 +429,8 @@ class JitFunction:
 
 
 def jit(fun: Callable | None = None, *, chip=None, static_argnums=(), static_argnames=(),
-        donate_argnums=(), mode: str = "graph", precision=None):
+        donate_argnums=(), mode: str = "graph", precision=None, in_shardings=None,
+        out_shardings=None, mesh=None, numerics: str = "vmap"):
     """Compile ``fun`` for a modeled MTIA chip; results equal ``jax.jit(fun)``.
 
     Args:
@@ -409,9 +443,18 @@ def jit(fun: Callable | None = None, *, chip=None, static_argnums=(), static_arg
         (one host dispatch per kernel, for debugging).
       precision: a ``mtia_jax.PrecisionPolicy`` for the program's matmuls;
         default: the enclosing ``mtia_jax.precision_policy`` block, if any.
+      in_shardings, out_shardings: ``NamedSharding``s (or ``PartitionSpec``s with
+        ``mesh=``), a pytree prefix of the arguments / outputs, as for
+        ``jax.jit``. The program is partitioned over the mesh: the modeled cost
+        is one device's, with its collectives.
+      mesh: a ``mtia_jax.make_mesh`` mesh, for ``PartitionSpec`` shardings.
+      numerics: for sharded programs, ``"vmap"`` (the logical devices run as a
+        ``jax.vmap`` on one host device, the default) or ``"spmd"``
+        (``shard_map`` over as many real JAX devices).
     """
     options = dict(chip=chip, static_argnums=static_argnums, static_argnames=static_argnames,
-                   donate_argnums=donate_argnums, mode=mode, precision=precision)
+                   donate_argnums=donate_argnums, mode=mode, precision=precision,
+                   in_shardings=in_shardings, out_shardings=out_shardings, mesh=mesh, numerics=numerics)
     if fun is None:
         return functools.partial(jit, **options)
     return JitFunction(fun, **options)

@@ -35,6 +35,7 @@ from lowering.ir import Module, Op
 from lowering.op_kinds import KIND_CATEGORY, NO_KERNEL
 from lowering.regions import REGION_KINDS
 from mtia_jax.chips import ChipSpec
+from runtime.collectives import collective_time
 from runtime.op_work import work_of
 from runtime.schedule import schedule
 
@@ -88,6 +89,7 @@ class KernelCost:
     ideal_vector_s: float   # vector/SFU time
     start_s: float = 0.0
     stream: str = "compute"  # "compute", "dma", "network" or "host"
+    collective_bytes: float = 0.0  # bytes each device sends over the scale-up network
 
     @property
     def time_s(self) -> float:
@@ -106,7 +108,8 @@ class KernelCost:
             self, count=self.count * n, flops=self.flops * n,
             transcendentals=self.transcendentals * n, bytes_accessed=self.bytes_accessed * n,
             hbm_bytes=self.hbm_bytes * n, compute_s=self.compute_s * n, hbm_s=self.hbm_s * n,
-            launch_s=self.launch_s * n, ideal_matrix_s=self.ideal_matrix_s * n,
+            launch_s=self.launch_s * n, collective_bytes=self.collective_bytes * n,
+            ideal_matrix_s=self.ideal_matrix_s * n,
             ideal_vector_s=self.ideal_vector_s * n)
 
 
@@ -158,10 +161,11 @@ def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
         hbm += tile.extra_hbm_bytes
     kind = f"fused_kernel[{op.attrs['ops']}]" if fused else op.kind
     host = any(w.engine == "host" for w in works)
+    off_chip = host or any(w.engine == "network" for w in works)
     # The matrix engine and the vector units work concurrently on the tiles of
     # one kernel, so compute time is the busier engine's time.
-    busy = {} if host else _engine_times(works, chip, efficiency)
-    ideal = {} if host else _engine_times(works, chip, 1.0)
+    busy = {} if off_chip else _engine_times(works, chip, efficiency)
+    ideal = {} if off_chip else _engine_times(works, chip, 1.0)
     common = dict(path=path, kind=kind, source=str(op.source) if op.source else "", count=1.0,
                   flops=float(sum(w.flops for w in works)),
                   transcendentals=float(sum(w.transcendentals for w in works)),
@@ -169,13 +173,20 @@ def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
                   ideal_matrix_s=ideal.get("matrix", 0.0), ideal_vector_s=ideal.get("vector", 0.0))
     if category(op) == "data_movement":
         common["stream"] = "dma"
+    if any(w.engine == "network" for w in works):
+        seconds, _, sent = collective_time(op, chip)
+        return KernelCost(**{**common, "stream": "network", "hbm_bytes": 0.0,
+                             "collective_bytes": sent}, compute_s=0.0, hbm_s=seconds)
     if host:
         # No MTIA kernel: operands go to the host over the host link and the
         # results come back, one latency each way. Host compute time is not
         # modeled (it depends on the host CPU, not the chip).
         transfer = accessed / chip.host_link_bandwidth + 2 * chip.host_link_latency_s
         return KernelCost(**{**common, "stream": "host"}, compute_s=0.0, hbm_s=transfer)
-    return KernelCost(**common, compute_s=max(busy.values()), hbm_s=hbm / chip.hbm_bandwidth)
+    # scattered rows move at a fraction of the streaming bandwidth
+    scattered = sum(w.random_access_bytes for w in works)
+    hbm_time = (hbm + scattered * (1 / chip.hbm_random_access_efficiency - 1)) / chip.hbm_bandwidth
+    return KernelCost(**common, compute_s=max(busy.values()), hbm_s=hbm_time)
 
 
 # ------------------------------------------------------------ region ops

@@ -36,9 +36,30 @@ def _emit_constant(op: Op, args: list[Any]) -> list[Any]:
     return [op.attrs["value"]]
 
 
+# Collectives run as JAX's own collectives over named axes: under
+# ``jax.vmap(axis_name=...)`` on one host device, or ``shard_map`` on a real mesh.
+_REDUCERS = {"sum": lax.psum, "max": lax.pmax, "min": lax.pmin}
+
+
+def _emit_shard_slice(op: Op, args: list[Any]) -> list[Any]:
+    (x,), dim = args, op.attrs["dim"]
+    chunk = x.shape[dim] // op.attrs["group"]
+    return [lax.dynamic_slice_in_dim(x, lax.axis_index(op.attrs["axis"]) * chunk, chunk, dim)]
+
+
 # op kind -> how to compute it on the host; kinds not listed are generic ops
 EMIT_RULES: dict[str, EmitRule] = {
     "constant": _emit_constant,
+    "all_reduce": lambda op, a: [_REDUCERS[op.attrs["reduce"]](a[0], op.attrs["axes"])],
+    "all_gather": lambda op, a: [lax.all_gather(a[0], op.attrs["axis"], axis=op.attrs["dim"], tiled=True)],
+    "reduce_scatter": lambda op, a: [lax.psum_scatter(a[0], op.attrs["axis"],
+                                                      scatter_dimension=op.attrs["dim"], tiled=True)],
+    "all_to_all": lambda op, a: [lax.all_to_all(a[0], op.attrs["axis"], op.attrs["split"],
+                                                op.attrs["concat"], tiled=True)],
+    "permute": lambda op, a: [lax.ppermute(a[0], op.attrs["axis"], op.attrs["perm"])],
+    "axis_index": lambda op, a: [lax.axis_index(op.attrs["axis"])],
+    "shard_slice": _emit_shard_slice,
+    "sharding_constraint": lambda op, a: list(a),
 }
 
 
@@ -171,10 +192,15 @@ def host_function(module: Module, path: str = "") -> Callable[..., tuple[list[An
 
 
 class GraphExecutor:
-    """One XLA program for the whole module, compiled on first call."""
+    """One XLA program for the whole module, compiled on first call. A
+    per-device (partitioned) module runs over its mesh (``runtime.spmd``)."""
 
-    def __init__(self, module: Module, donate_argnums: Sequence[int] = ()):
-        self._fn = jax.jit(host_function(module), donate_argnums=tuple(donate_argnums))
+    def __init__(self, module: Module, donate_argnums: Sequence[int] = (), numerics: str = "vmap"):
+        fn = host_function(module)
+        if module.layout is not None:
+            from runtime import spmd
+            fn = spmd.NUMERICS[numerics](module, fn)
+        self._fn = jax.jit(fn, donate_argnums=tuple(donate_argnums))
 
     def __call__(self, *flat_args) -> tuple[list[Any], Counts]:
         return self._fn(*flat_args)

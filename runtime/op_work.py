@@ -61,6 +61,9 @@ class OpWork:
     # matrix engine and ``bytes_saved_by_unit`` are not moved
     unit: str | None = None
     bytes_saved_by_unit: float = 0.0
+    # the part of the HBM bytes read as scattered rows (embedding lookups):
+    # timed at ``ChipSpec.hbm_random_access_efficiency`` of the bandwidth
+    random_access_bytes: float = 0.0
 
 
 def _compute_dtype(dtype) -> np.dtype:
@@ -193,7 +196,13 @@ def _host_work(op: Op) -> OpWork:
     return OpWork(flops=counts.flops, transcendentals=counts.transcendentals, engine="host")
 
 
+def _network_work(op: Op) -> OpWork:
+    # priced by runtime.collectives on the chip's scale-up network
+    return OpWork(engine="network")
+
+
 CATEGORY_RULES: dict[str, Callable[[Op], OpWork]] = {
+    "collective": _network_work,
     "elementwise": _elementwise_work,
     "transcendental": _transcendental_work,
     "reduction": _reduction_work,

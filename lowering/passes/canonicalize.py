@@ -53,7 +53,7 @@ def fold_constants(module: Module) -> Module:
                 op = Op("constant", [], op.results, {"value": folded}, op.source)
         producers.update((r, op) for r in op.results)
         ops.append(op)
-    return Module(module.name, module.params, ops, module.outputs)
+    return dataclasses.replace(module, ops=ops)
 
 
 def _freeze(x: Any):
@@ -93,5 +93,5 @@ def cse(module: Module) -> Module:
         seen[key] = op
         ops.append(op)
     outputs = [replace.get(v, v) for v in module.outputs]
-    return Module(module.name, module.params, ops, outputs)
+    return dataclasses.replace(module, ops=ops, outputs=outputs)
 

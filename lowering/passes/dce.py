@@ -17,4 +17,4 @@ def run(module: Module, ctx=None) -> Module:
             kept.append(op)
             live.update(op.operands)
     kept.reverse()
-    return Module(module.name, module.params, kept, module.outputs)
+    return dataclasses.replace(module, ops=kept)

@@ -157,7 +157,7 @@ class _Fuser:
             group = emit_at.get(index)
             if group is not None:
                 ops.append(_fused_op(group, used_outside[group]))
-        return dce.run(Module(self.module.name, self.module.params, ops, self.module.outputs))
+        return dce.run(dataclasses.replace(self.module, ops=ops))
 
 
 def _fused_op(group: _Group, escaping: set[Value]) -> Op:

@@ -32,6 +32,7 @@ import numpy as np
 
 from lowering.ir import Module, Op
 from lowering.op_kinds import KIND_CATEGORY
+from lowering.passes import precision
 
 # Assumption (not published for any MTIA generation): the Dot Product Engine
 # produces a 32 x 32 block of outputs per pass; a per-PE block is padded to it.
@@ -99,7 +100,8 @@ def _conv_shape(op: Op) -> GemmShape:
                      lhs.type.nbytes, rhs.type.nbytes, out.nbytes, np.dtype(lhs.type.dtype).name)
 
 
-GEMM_SHAPES = {"dot_general": _dot_shape, "conv_general_dilated": _conv_shape}
+GEMM_SHAPES = {"dot_general": _dot_shape, "conv_general_dilated": _conv_shape,
+               "mx_matmul": precision.mx_matmul_gemm_shape}
 
 
 def _pow2_upto(n: int) -> list[int]:
@@ -207,4 +209,4 @@ def run(module: Module, ctx) -> Module:
             if tile is not None:
                 op = dataclasses.replace(op, attrs={**op.attrs, "tile": tile})
         ops.append(op)
-    return Module(module.name, module.params, ops, module.outputs)
+    return dataclasses.replace(module, ops=ops)

@@ -1,0 +1,553 @@
+"""SPMD partitioning: a program over global arrays becomes the program every
+device of the mesh runs, with the collectives it needs.
+
+Each global value gets a *placement*: a spec (the mesh axis its dimension is
+split over, or None, per dimension) and a set of mesh axes over which the
+per-device values are *partial sums* still to be added up. Placements start at
+the arguments' ``in_shardings`` and propagate forward, op by op, through a
+table of rules keyed by op kind or category:
+
+- elementwise: operands are brought to one spec (the first sharded operand's);
+  sums (add, sub, neg, scaling by an unsharded factor) carry partial sums;
+- contractions: matching sharded batch dims stay sharded, sharded contracting
+  dims give a partial sum (resolved later by an all-reduce, or by a
+  reduce-scatter when the consumer wants the result split), free dims keep
+  their operand's axis; one side is sliced locally to match the other where
+  that costs no communication;
+- reductions: a sum over a split dim is a partial sum; max/min all-reduce;
+- broadcasts, transposes, reshapes, squeezes map dims; slices, concatenation,
+  padding, reversal, sorting and scans along a dim keep the other dims split;
+- ``sharding_constraint`` reshards; a ``shard_map`` body is inlined (it is
+  already per-device); ``scan``/``while``/``cond`` bodies are partitioned with
+  their carries held at one placement;
+- anything else runs replicated: its operands are all-gathered first. Always
+  correct, never silently wrong, and visible in ``as_text()``.
+
+Resharding uses the cheapest collective: a local slice (``shard_slice``, no
+communication) to split a replicated dim, ``all_to_all`` to move an axis
+between dims, ``all_gather`` to replicate, ``reduce_scatter``/``all_reduce``
+to resolve partial sums. The result is a per-device module whose
+``layout`` records the mesh and the placements of its inputs and outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+from lowering import collectives
+from lowering.ir import Module, Op, TensorType, Value
+from lowering.op_kinds import KIND_CATEGORY
+from lowering.regions import REGION_KINDS
+
+Spec = tuple  # per dimension: a mesh axis name or None
+
+
+@dataclasses.dataclass(frozen=True)
+class SpmdLayout:
+    """How a per-device module relates to the global program."""
+
+    mesh: tuple[tuple[str, int], ...]      # (axis, size) in mesh order
+    in_specs: tuple[Spec, ...]
+    out_specs: tuple[Spec, ...]
+
+    @property
+    def axes(self) -> dict[str, int]:
+        return dict(self.mesh)
+
+    @property
+    def devices(self) -> int:
+        return math.prod(size for _, size in self.mesh)
+
+
+def normalize_spec(pspec, ndim: int) -> Spec:
+    """A ``PartitionSpec`` (or None) as one mesh axis or None per dimension."""
+    entries = tuple(pspec) if pspec is not None else ()
+    if len(entries) > ndim:
+        raise ValueError(f"a PartitionSpec with {len(entries)} entries for an array of rank {ndim}")
+    spec = []
+    for entry in entries + (None,) * (ndim - len(entries)):
+        if isinstance(entry, (tuple, list)):
+            if len(entry) > 1:
+                raise NotImplementedError(
+                    f"splitting one dimension over several mesh axes {tuple(entry)} is not supported "
+                    f"yet; split it over one axis")
+            entry = entry[0] if entry else None
+        spec.append(entry)
+    return tuple(spec)
+
+
+LINEAR_UNARY = frozenset({"neg", "convert_element_type", "copy", "reduce_precision", "stop_gradient"})
+ADDITIVE = frozenset({"add", "sub", "add_any"})
+
+
+class Partitioner:
+    """Builds the per-device ops for one module (or region)."""
+
+    def __init__(self, mesh: dict[str, int]):
+        self.mesh = mesh
+        self.ops: list[Op] = []
+        self.local: dict[Value, Value] = {}
+        self.spec: dict[Value, Spec] = {}
+        self.partial: dict[Value, frozenset[str]] = {}
+        self.source = None
+
+    # ------------------------------------------------------------ values
+
+    def local_type(self, t: TensorType, spec: Spec) -> TensorType:
+        shape = tuple(d // self.mesh[a] if a else d for d, a in zip(t.shape, spec))
+        return TensorType(shape, t.dtype)
+
+    def bind(self, v: Value, local: Value, spec: Spec, partial=frozenset()) -> None:
+        self.local[v], self.spec[v], self.partial[v] = local, tuple(spec), frozenset(partial)
+
+    def emit(self, kind: str, operands: list[Value], types: list[TensorType], attrs: dict,
+             regions=None) -> list[Value]:
+        results = [Value(t) for t in types]
+        self.ops.append(Op(kind, operands, results, attrs, self.source, regions or {}))
+        return results
+
+    def collective(self, kind: str, x: Value, shape: tuple, **attrs) -> Value:
+        axes = attrs.get("axes") or (attrs["axis"],)
+        attrs["group"] = math.prod(self.mesh[a] for a in axes)
+        return self.emit(kind, [x], [TensorType(tuple(shape), x.type.dtype)], attrs)[0]
+
+    def fits(self, size: int, axis: str | None) -> bool:
+        return axis is None or size % self.mesh[axis] == 0
+
+    # ------------------------------------------------------------ resharding
+
+    def resolve(self, v: Value, want: Spec | None = None) -> None:
+        """Add up ``v``'s partial sums: a reduce-scatter onto a dim ``want``
+        splits, an all-reduce over the rest."""
+        axes = set(self.partial.get(v, ()))
+        if not axes:
+            return
+        lv, spec = self.local[v], list(self.spec[v])
+        for d, a in enumerate(want or ()):
+            if a in axes and spec[d] is None and a not in spec and self.fits(lv.type.shape[d], a):
+                shape = list(lv.type.shape)
+                shape[d] //= self.mesh[a]
+                lv = self.collective("reduce_scatter", lv, shape, axis=a, dim=d)
+                spec[d] = a
+                axes.discard(a)
+        if axes:
+            ordered = tuple(a for a in self.mesh if a in axes)
+            lv = self.collective("all_reduce", lv, lv.type.shape, axes=ordered, reduce="sum")
+        self.bind(v, lv, spec)
+
+    def to_spec(self, v: Value, target: Spec, keep_partial: bool = False) -> Value:
+        """``v``'s per-device value laid out as ``target``."""
+        if not keep_partial:
+            self.resolve(v, target)
+        target = tuple(a if self.fits(n, a) else None for n, a in zip(v.type.shape, target))
+        lv, cur = self.local[v], list(self.spec[v])
+        if tuple(cur) == target:
+            return lv
+        # an axis moving from one dim to another: one all-to-all
+        for src, a in enumerate(cur):
+            if a is None or target[src] == a or a not in target:
+                continue
+            dst = target.index(a)
+            if cur[dst] is None:
+                shape = list(lv.type.shape)
+                shape[src] *= self.mesh[a]
+                shape[dst] //= self.mesh[a]
+                lv = self.collective("all_to_all", lv, shape, axis=a, split=dst, concat=src)
+                cur[src], cur[dst] = None, a
+        for d, a in enumerate(cur):  # replicate what must move
+            if a is not None and target[d] != a:
+                shape = list(lv.type.shape)
+                shape[d] *= self.mesh[a]
+                lv = self.collective("all_gather", lv, shape, axis=a, dim=d)
+                cur[d] = None
+        for d, a in enumerate(target):  # split locally: no communication
+            if a is not None and cur[d] is None:
+                shape = list(lv.type.shape)
+                shape[d] //= self.mesh[a]
+                lv = self.collective("shard_slice", lv, shape, axis=a, dim=d)
+                cur[d] = a
+        if not keep_partial:
+            self.bind(v, lv, target)
+        return lv
+
+    def replicated(self, v: Value) -> Value:
+        return self.to_spec(v, (None,) * len(v.type.shape))
+
+    # ------------------------------------------------------------ driving
+
+    def run_ops(self, ops: list[Op]) -> None:
+        for op in ops:
+            self.source = op.source
+            rule = RULES_BY_KIND.get(op.kind) or RULES_BY_CATEGORY.get(KIND_CATEGORY.get(op.kind, ""))
+            (rule or _replicated_rule)(self, op)
+
+    def same_op(self, op: Op, operands: list[Value], specs: list[Spec], partial=frozenset(),
+                params: dict | None = None) -> None:
+        """Emit ``op`` on per-device operands; its results get ``specs``."""
+        types = [self.local_type(r.type, s) for r, s in zip(op.results, specs)]
+        attrs = dict(op.attrs)
+        if params is not None:
+            attrs["params"] = params
+        results = self.emit(op.kind, operands, types, attrs)
+        for r, lr, s in zip(op.results, results, specs):
+            self.bind(r, lr, s, partial)
+
+
+# ---------------------------------------------------------------- rules
+
+def _merged_spec(p: Partitioner, values: list[Value], rank: int) -> list:
+    target = [None] * rank
+    for v in values:
+        for d, a in enumerate(p.spec[v]):
+            if a is not None and target[d] is None and a not in target:
+                target[d] = a
+    return target
+
+
+def _elementwise_rule(p: Partitioner, op: Op) -> None:
+    rank = len(op.results[0].type.shape)
+    arrays = [v for v in op.operands if len(v.type.shape) == rank and rank > 0]
+    partials = [p.partial.get(v, frozenset()) for v in op.operands]
+    keep = frozenset()
+    if any(partials):
+        first = next(x for x in partials if x)
+        if op.kind in ADDITIVE and all(x == first for x in partials) and len(arrays) == len(op.operands):
+            keep = first
+        elif op.kind in LINEAR_UNARY:
+            keep = first
+        elif op.kind in ("mul", "div") and sum(bool(x) for x in partials) == 1 and (
+                op.kind == "mul" or partials[0]):
+            keep = first
+    target = tuple(_merged_spec(p, arrays, rank))
+    operands = []
+    for v, part in zip(op.operands, partials):
+        if v in arrays:
+            operands.append(p.to_spec(v, target, keep_partial=bool(keep) and part == keep))
+        else:
+            p.resolve(v)
+            operands.append(p.local[v])
+    p.same_op(op, operands, [target] * len(op.results), keep)
+
+
+def _reduction_rule(p: Partitioner, op: Op) -> None:
+    (x,) = op.operands[:1]
+    axes = tuple(op.params["axes"])
+    if op.kind == "reduce_sum":
+        spec = p.spec[x]
+        lx = p.to_spec(x, spec, keep_partial=True)
+        partial = p.partial.get(x, frozenset()) | {spec[d] for d in axes if spec[d] is not None}
+        out = tuple(a for d, a in enumerate(spec) if d not in axes)
+        p.same_op(op, [lx], [out], frozenset(partial))
+        return
+    if op.kind in ("reduce_max", "reduce_min"):
+        p.resolve(x)
+        spec = p.spec[x]
+        out = tuple(a for d, a in enumerate(spec) if d not in axes)
+        (result,) = op.results
+        (local,) = p.emit(op.kind, [p.local[x]], [p.local_type(result.type, out)], dict(op.attrs))
+        split = tuple(a for a in p.mesh if a in {spec[d] for d in axes})
+        if split:
+            local = p.collective("all_reduce", local, local.type.shape, axes=split,
+                                 reduce=op.kind.removeprefix("reduce_"))
+        p.bind(result, local, out)
+        return
+    # argmax, products, logical reductions: the reduced dims gathered first
+    spec = tuple(None if d in axes else a for d, a in enumerate(p.spec[x]))
+    lx = p.to_spec(x, spec)
+    out = tuple(a for d, a in enumerate(spec) if d not in axes)
+    p.same_op(op, [lx, *[p.replicated(v) for v in op.operands[1:]]], [out] * len(op.results))
+
+
+def _assign(spec: list, dim: int, axis) -> None:
+    if axis is not None and axis in spec:
+        spec[spec.index(axis)] = None
+    spec[dim] = axis
+
+
+def _dot_general_rule(p: Partitioner, op: Op) -> None:
+    lhs, rhs = op.operands
+    (lc, rc), (lb, rb) = op.params["dimension_numbers"]
+    lpart, rpart = p.partial.get(lhs, frozenset()), p.partial.get(rhs, frozenset())
+    if lpart and rpart:
+        p.resolve(rhs)
+        rpart = frozenset()
+    ls, rs = list(p.spec[lhs]), list(p.spec[rhs])
+    partial = set(lpart | rpart)
+    for i, j in (*zip(lb, rb), *zip(lc, rc)):
+        a, b = ls[i], rs[j]
+        if a == b:
+            continue
+        if a is not None and (b is None or b in ls):
+            _assign(rs, j, a)
+        elif b is not None and a is None:
+            _assign(ls, i, b)
+        else:
+            _assign(rs, j, a)
+    for i, j in zip(lc, rc):
+        if ls[i] is not None:
+            partial.add(ls[i])
+    lfree = [d for d in range(len(ls)) if d not in (*lc, *lb)]
+    rfree = [d for d in range(len(rs)) if d not in (*rc, *rb)]
+    used = {ls[i] for i in lb} | {ls[i] for i in lfree} | partial
+    for j in rfree:  # one axis may split only one result dim
+        if rs[j] is not None and rs[j] in used:
+            rs[j] = None
+        used.add(rs[j])
+    for i in lfree:
+        if ls[i] is not None and ls[i] in partial:
+            ls[i] = None
+    out = tuple([ls[i] for i in lb] + [ls[i] for i in lfree] + [rs[j] for j in rfree])
+    operands = [p.to_spec(lhs, tuple(ls), keep_partial=bool(lpart)),
+                p.to_spec(rhs, tuple(rs), keep_partial=bool(rpart))]
+    p.same_op(op, operands, [out], frozenset(partial))
+
+
+def _broadcast_rule(p: Partitioner, op: Op) -> None:
+    (x,) = op.operands
+    shape, dims = op.params["shape"], op.params["broadcast_dimensions"]
+    spec = list(p.spec[x])
+    out = [None] * len(shape)
+    for i, d in enumerate(dims):
+        if x.type.shape[i] == shape[d]:
+            out[d] = spec[i]
+        else:
+            spec[i] = None
+    lx = p.to_spec(x, tuple(spec), keep_partial=True)
+    local = p.local_type(op.results[0].type, out).shape
+    p.same_op(op, [lx], [tuple(out)], p.partial.get(x, frozenset()), {**op.params, "shape": local})
+
+
+def _transpose_rule(p: Partitioner, op: Op) -> None:
+    (x,) = op.operands
+    spec = p.spec[x]
+    out = tuple(spec[d] for d in op.params["permutation"])
+    p.same_op(op, [p.to_spec(x, spec, keep_partial=True)], [out], p.partial.get(x, frozenset()))
+
+
+def _reshape_rule(p: Partitioner, op: Op) -> None:
+    (x,) = op.operands
+    src, dst = x.type.shape, op.results[0].type.shape
+    spec = list(p.spec[x])
+    out = [None] * len(dst)
+    for d, a in enumerate(spec):
+        if a is None:
+            continue
+        prefix = math.prod(src[:d])
+        j = next((j for j in range(len(dst) + 1) if math.prod(dst[:j]) == prefix), None)
+        ok = (j is not None and j < len(dst) and dst[j] % p.mesh[a] == 0
+              and (dst[j] % src[d] == 0 or src[d] % dst[j] == 0) and out[j] is None)
+        if ok:
+            out[j] = a
+        else:
+            spec[d] = None
+    lx = p.to_spec(x, tuple(spec), keep_partial=True)
+    local = p.local_type(op.results[0].type, out).shape
+    params = {**op.params, "new_sizes": local} if "new_sizes" in op.params else op.params
+    p.same_op(op, [lx], [tuple(out)], p.partial.get(x, frozenset()), params)
+
+
+def _squeeze_rule(p: Partitioner, op: Op) -> None:
+    (x,) = op.operands
+    dims = set(op.params["dimensions"])
+    out = tuple(a for d, a in enumerate(p.spec[x]) if d not in dims)
+    p.same_op(op, [p.to_spec(x, p.spec[x], keep_partial=True)], [out], p.partial.get(x, frozenset()))
+
+
+def _along_dims_rule(dims_of: Callable[[Op], set], shape_params: tuple = ()):
+    """Ops that work along some dims (slice, concatenate, pad, sort, cumsum):
+    the other dims stay split. ``shape_params`` name params holding per-dim
+    sizes, rewritten to per-device sizes."""
+    def rule(p: Partitioner, op: Op) -> None:
+        touched = dims_of(op)
+        arrays = [v for v in op.operands if len(v.type.shape) == len(op.results[0].type.shape)]
+        target = tuple(None if d in touched else a
+                       for d, a in enumerate(_merged_spec(p, arrays, len(op.results[0].type.shape))))
+        operands = [p.to_spec(v, target) if v in arrays else p.replicated(v) for v in op.operands]
+        params = dict(op.params)
+        for name in shape_params:
+            params[name] = tuple(n // p.mesh[a] if a else n for n, a in zip(params[name], target))
+        p.same_op(op, operands, [target] * len(op.results), params=params)
+    return rule
+
+
+def _slice_dims(op: Op) -> set:
+    (x,) = op.operands
+    strides = op.params.get("strides") or (1,) * len(x.type.shape)
+    return {d for d, (s, e, st, n) in enumerate(zip(op.params["start_indices"], op.params["limit_indices"],
+                                                    strides, x.type.shape)) if (s, e, st) != (0, n, 1)}
+
+
+def _sharding_constraint_rule(p: Partitioner, op: Op) -> None:
+    (x,), (result,) = op.operands, op.results
+    target = normalize_spec(op.attrs["spec"], len(x.type.shape))
+    p.bind(result, p.to_spec(x, target), p.spec[x])
+
+
+def _shard_map_rule(p: Partitioner, op: Op) -> None:
+    body = op.regions["body"]
+    if dict(op.attrs["mesh"]) != p.mesh:
+        raise ValueError(f"a shard_map over mesh {op.attrs['mesh']} inside a program partitioned over "
+                         f"{p.mesh}: use one mesh")
+    for x, param, pspec in zip(op.operands, body.params, op.attrs["in_specs"]):
+        lx = p.to_spec(x, normalize_spec(pspec, len(x.type.shape)))
+        p.bind(param, lx, (None,) * len(param.type.shape))
+    inner = Partitioner(p.mesh)
+    inner.local, inner.spec, inner.partial = p.local, p.spec, p.partial
+    for body_op in body.ops:  # already per-device: copied as they are
+        inner.ops.append(body_op)
+        for r in body_op.results:
+            inner.bind(r, r, (None,) * len(r.type.shape))
+    p.ops.extend(inner.ops)
+    for result, out, pspec in zip(op.results, body.outputs, op.attrs["out_specs"]):
+        p.bind(result, p.local[out], normalize_spec(pspec, len(result.type.shape)))
+
+
+def _replicated_rule(p: Partitioner, op: Op) -> None:
+    """The fallback: every operand replicated, the op runs whole on every device."""
+    operands = [p.replicated(v) for v in op.operands]
+    if op.regions:
+        return _region_rule(p, op)
+    p.same_op(op, operands, [(None,) * len(r.type.shape) for r in op.results])
+
+
+# ------------------------------------------------------------ regions
+
+def _partition_region(p: Partitioner, region: Module, specs: list[Spec],
+                      out_specs: list[Spec] | None) -> tuple[Module, list[Spec]]:
+    inner = Partitioner(p.mesh)
+    params = []
+    for v, s in zip(region.params, specs):
+        local = Value(inner.local_type(v.type, s))
+        inner.bind(v, local, s)
+        params.append(local)
+    inner.run_ops(region.ops)
+    outs, final = [], []
+    for i, v in enumerate(region.outputs):
+        want = out_specs[i] if out_specs is not None else None
+        inner.resolve(v, want)
+        lv = inner.to_spec(v, want) if want is not None else inner.local[v]
+        outs.append(lv)
+        final.append(want if want is not None else inner.spec[v])
+    return Module(region.name, params, inner.ops, outs), final
+
+
+def _region_rule(p: Partitioner, op: Op) -> None:
+    for v in op.operands:
+        p.resolve(v)
+    specs = [p.spec[v] for v in op.operands]
+    regions, result_specs = {}, None
+    if op.kind == "scan":
+        n_consts, n_carry = op.params["num_consts"], op.params["num_carry"]
+        xs = op.operands[n_consts + n_carry:]
+        for v in xs:  # the scanned dim is never split
+            p.to_spec(v, (None,) + p.spec[v][1:])
+        specs = [p.spec[v] for v in op.operands]
+        carry = specs[n_consts:n_consts + n_carry]
+        body_specs = specs[:n_consts + n_carry] + [s[1:] for s in specs[n_consts + n_carry:]]
+        n_ys = len(op.results) - n_carry
+        body, outs = _partition_region(p, op.regions["body"], body_specs, list(carry) + [None] * n_ys)
+        regions["body"] = body
+        result_specs = list(carry) + [(None,) + s for s in outs[n_carry:]]
+    elif op.kind == "while":
+        n_cond, n_body = op.params["cond_nconsts"], op.params["body_nconsts"]
+        carry = specs[n_cond + n_body:]
+        cond, _ = _partition_region(p, op.regions["cond"], specs[:n_cond] + carry, [()])
+        body, _ = _partition_region(p, op.regions["body"], specs[n_cond:n_cond + n_body] + carry, carry)
+        regions = {"cond": cond, "body": body}
+        result_specs = carry
+    elif op.kind == "cond":
+        p.to_spec(op.operands[0], ())
+        names = sorted(op.regions, key=lambda n: int(n.removeprefix("branch")))
+        first, result_specs = _partition_region(p, op.regions[names[0]], specs[1:], None)
+        regions[names[0]] = first
+        for n in names[1:]:
+            regions[n], _ = _partition_region(p, op.regions[n], specs[1:], result_specs)
+    else:  # an op computed by its body (a recognised pattern): run it whole
+        operands = [p.replicated(v) for v in op.operands]
+        p.same_op(op, operands, [(None,) * len(r.type.shape) for r in op.results])
+        return
+    operands = [p.local[v] for v in op.operands]
+    types = [p.local_type(r.type, s) for r, s in zip(op.results, result_specs)]
+    results = p.emit(op.kind, operands, types, dict(op.attrs), regions)
+    for r, lr, s in zip(op.results, results, result_specs):
+        p.bind(r, lr, s)
+
+
+RULES_BY_CATEGORY: dict[str, Callable[[Partitioner, Op], None]] = {
+    "elementwise": _elementwise_rule,
+    "transcendental": _elementwise_rule,
+    "reduction": _reduction_rule,
+    "contraction": _dot_general_rule,
+    "constant": lambda p, op: [p.bind(r, r, (None,) * len(r.type.shape)) for r in op.results]
+    and p.ops.append(op),
+}
+
+RULES_BY_KIND: dict[str, Callable[[Partitioner, Op], None]] = {
+    "broadcast_in_dim": _broadcast_rule,
+    "transpose": _transpose_rule,
+    "reshape": _reshape_rule,
+    "squeeze": _squeeze_rule,
+    "stop_gradient": _elementwise_rule,
+    "sharding_constraint": _sharding_constraint_rule,
+    "shard_map": _shard_map_rule,
+    "slice": _along_dims_rule(_slice_dims, ("limit_indices",)),
+    "concatenate": _along_dims_rule(lambda op: {op.params["dimension"]}),
+    "pad": _along_dims_rule(lambda op: {d for d, c in enumerate(op.params["padding_config"])
+                                        if tuple(c) != (0, 0, 0)}),
+    "rev": _along_dims_rule(lambda op: set(op.params["dimensions"])),
+    "sort": _along_dims_rule(lambda op: {op.params["dimension"]}),
+    **{k: _along_dims_rule(lambda op: {op.params["axis"]}) for k in
+       ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp")},
+    **{k: _region_rule for k in REGION_KINDS},
+}
+
+
+def _constant_rule(p: Partitioner, op: Op) -> None:
+    p.ops.append(op)
+    for r in op.results:
+        p.bind(r, r, (None,) * len(r.type.shape))
+
+
+RULES_BY_CATEGORY["constant"] = _constant_rule
+
+
+def partition(module: Module, mesh: dict[str, int], in_specs: list[Spec],
+              out_specs: list[Spec | None] | None = None) -> Module:
+    """The per-device module of ``module`` over ``mesh``."""
+    p = Partitioner(mesh)
+    params = []
+    for v, s in zip(module.params, in_specs, strict=True):
+        local = Value(p.local_type(v.type, s))
+        p.bind(v, local, s)
+        params.append(local)
+    p.run_ops(module.ops)
+    outputs, final = [], []
+    for i, v in enumerate(module.outputs):
+        want = out_specs[i] if out_specs is not None and out_specs[i] is not None else None
+        if v not in p.local:  # an output that is an input or a constant
+            p.bind(v, v, (None,) * len(v.type.shape))
+        p.resolve(v, want)
+        lv = p.to_spec(v, want) if want is not None else p.local[v]
+        outputs.append(lv)
+        final.append(want if want is not None else p.spec[v])
+    layout = SpmdLayout(tuple(mesh.items()), tuple(tuple(s) for s in in_specs), tuple(final))
+    result = Module(module.name, params, p.ops, outputs, layout=layout)
+    collectives.set_groups(result, mesh)
+    return result
+
+
+def contains_shard_map(module: Module) -> dict[str, int] | None:
+    for op in module.ops:
+        if op.kind == "shard_map":
+            return dict(op.attrs["mesh"])
+    return None
+
+
+def run(module: Module, ctx) -> Module:
+    mesh = getattr(ctx, "mesh", None) or contains_shard_map(module)
+    if not mesh:
+        return module
+    in_specs = getattr(ctx, "in_specs", None) or [(None,) * len(v.type.shape) for v in module.params]
+    return partition(module, dict(mesh), list(in_specs), getattr(ctx, "out_specs", None))

@@ -1,0 +1,69 @@
+"""Logical meshes of MTIA devices, in JAX's own vocabulary.
+
+``make_mesh((9, 8), ("data", "model"), chip="mtia400")`` returns a
+``jax.sharding.AbstractMesh``: a mesh of *logical* devices that exists for
+modeling on any host (a 72-chip mesh on a laptop). Shardings are written with
+``jax.sharding.PartitionSpec`` / ``NamedSharding`` as usual.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+
+from mtia_jax import chips as chip_catalogue
+
+
+def make_mesh(axis_shapes: Sequence[int], axis_names: Sequence[str], *, chip=None) -> AbstractMesh:
+    """A logical mesh of ``prod(axis_shapes)`` devices of ``chip``.
+
+    Raises ``ValueError`` when the mesh is larger than the chip's scale-up
+    domain (72 devices for mtia400/450/500), when shapes and names differ in
+    length, or when a name repeats.
+    """
+    axis_shapes, axis_names = tuple(int(s) for s in axis_shapes), tuple(axis_names)
+    if len(axis_shapes) != len(axis_names):
+        raise ValueError(f"make_mesh: {len(axis_shapes)} axis sizes {axis_shapes} but "
+                         f"{len(axis_names)} axis names {axis_names}; give one name per axis")
+    if len(set(axis_names)) != len(axis_names):
+        raise ValueError(f"make_mesh: axis names must be distinct, got {axis_names}")
+    if any(s < 1 for s in axis_shapes):
+        raise ValueError(f"make_mesh: axis sizes must be positive, got {axis_shapes}")
+    spec = chip_catalogue.get(chip) if chip is not None else chip_catalogue.default()
+    devices = math.prod(axis_shapes)
+    if devices > spec.scaleup_domain:
+        raise ValueError(
+            f"make_mesh: a mesh of {devices} devices {dict(zip(axis_names, axis_shapes))} is larger "
+            f"than {spec.name}'s scale-up domain of {spec.scaleup_domain} devices "
+            f"({spec.sources.get('scaleup_domain', 'see mtia-jax chips --sources')}). "
+            f"Use at most {spec.scaleup_domain} devices.")
+    return AbstractMesh(axis_shapes, axis_names)
+
+
+def mesh_axes(mesh) -> dict[str, int]:
+    """``{axis name: size}`` of a ``Mesh`` or ``AbstractMesh``."""
+    return dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+
+def spec_of(sharding, mesh=None) -> PartitionSpec:
+    """The ``PartitionSpec`` of a ``NamedSharding``, ``PartitionSpec`` or ``None`` (replicated)."""
+    if sharding is None:
+        return PartitionSpec()
+    if isinstance(sharding, NamedSharding):
+        return sharding.spec
+    if isinstance(sharding, PartitionSpec):
+        return sharding
+    raise TypeError(f"expected a NamedSharding or PartitionSpec, got {type(sharding).__name__}")
+
+
+def mesh_of(*shardings):
+    """The mesh named by the first ``NamedSharding`` among ``shardings``, if any."""
+    for s in shardings:
+        if isinstance(s, NamedSharding):
+            return s.mesh
+    return None
+
+
+__all__ = ["make_mesh", "mesh_axes", "spec_of", "mesh_of", "Mesh", "AbstractMesh"]
