@@ -23,6 +23,7 @@ _LAZY = {
     "Device": ("runtime.device", "Device"),
     "profiler": ("mtia_jax.profiler", None),
     "estimate": ("mtia_jax.estimate", "estimate"),
+    "make_mesh": ("mtia_jax.mesh", "make_mesh"),
     "Report": ("mtia_jax.estimate", "Report"),
     "PrecisionPolicy": ("mtia_jax.precision", "PrecisionPolicy"),
     "precision_policy": ("mtia_jax.precision", "precision_policy"),

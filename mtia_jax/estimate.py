@@ -59,6 +59,37 @@ class Report:
         return self.cost.total("flops")
 
     @property
+    def collective_time_s(self) -> float:
+        """Modeled time on the network stream (it overlaps compute where it can)."""
+        return float(sum(k.time_s for k in self.cost.kernels if k.stream == "network"))
+
+    @property
+    def collective_bytes(self) -> float:
+        return self.cost.total("collective_bytes")
+
+    @property
+    def devices(self) -> int:
+        return self.module.layout.devices if self.module.layout is not None else 1
+
+    def breakdown(self, by: str = "kind") -> dict[str, float]:
+        """Modeled seconds per op kind (``by="kind"``) or per bound (``by="bound"``:
+        compute / memory / launch / host / network)."""
+        totals: dict[str, float] = {}
+        for k in self.cost.kernels:
+            key = k.kind.split("[", 1)[0] if by == "kind" else k.bound
+            totals[key] = totals.get(key, 0.0) + k.time_s
+        return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+    def to_dict(self) -> dict:
+        return {"chip": self.chip.name, "devices": self.devices, "time_s": self.time_s,
+                "roofline_time_s": self.roofline_time_s, "efficiency": self.efficiency,
+                "peak_hbm_bytes": self.peak_hbm_bytes, "hbm_capacity_bytes": self.chip.hbm_bytes,
+                "fits": self.fits, "flops": self.flops, "hbm_bytes": self.hbm_bytes,
+                "collective_time_s": self.collective_time_s, "collective_bytes": self.collective_bytes,
+                "precision": str(self.precision) if self.precision is not None else None,
+                "by_kind": self.breakdown("kind"), "by_bound": self.breakdown("bound")}
+
+    @property
     def hbm_bytes(self) -> float:
         return self.cost.total("hbm_bytes")
 
@@ -68,14 +99,24 @@ class Report:
     def summary(self) -> str:
         fits = "fits" if self.fits else "DOES NOT FIT"
         policy = f", precision {self.precision}" if self.precision is not None else ""
-        return (f"{self.module.name} on {self.chip.name}{policy} (modeled): "
+        where = f"{self.devices} x {self.chip.name}" if self.devices > 1 else self.chip.name
+        per = " per device" if self.devices > 1 else ""
+        return (f"{self.module.name} on {where}{policy} (modeled{per}): "
                 f"{self.time_s * 1e3:.4g} ms, roofline {self.roofline_time_s * 1e3:.4g} ms "
                 f"(efficiency {self.efficiency:.2f}), {self.flops / 1e12:.4g} TFLOP, "
                 f"{self.hbm_bytes / 1e9:.4g} GB HBM traffic, peak HBM "
                 f"{self.peak_hbm_bytes / 1e9:.4g} of {self.chip.hbm_bytes / 1e9:.4g} GB ({fits})")
 
     def table(self) -> str:
-        return f"{self.summary()}\n{self.profile()}"
+        """The summary, then modeled time by op kind and by bound, then the kernels."""
+        total = self.time_s or 1.0
+        lines = [self.summary()]
+        for by in ("kind", "bound"):
+            lines.append(f"by {by}:")
+            lines += [f"  {name:<28} {s * 1e6:>12.2f} us  {s / total:>6.1%}"
+                      for name, s in self.breakdown(by).items()]
+        lines.append(str(self.profile()))
+        return "\n".join(lines)
 
     __str__ = summary
 
@@ -87,11 +128,15 @@ def _as_struct(x):
     return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
 
 
-def estimate(fun, *args, chip=None, precision=None, static_argnums=(), static_argnames=(),
-             **kwargs) -> Report:
-    """Model ``fun(*args, **kwargs)`` on ``chip`` from shapes only; see the module doc."""
+def estimate(fun, *args, chip=None, mesh=None, in_shardings=None, out_shardings=None,
+             precision=None, static_argnums=(), static_argnames=(), **kwargs) -> Report:
+    """Model ``fun(*args, **kwargs)`` on ``chip`` from shapes only; see the module doc.
+
+    With a mesh (``mesh=`` or ``NamedSharding`` shardings) the program is
+    partitioned and the report is per device, collectives included."""
     jitted = api.jit(fun, chip=chip, precision=precision, static_argnums=static_argnums,
-                     static_argnames=static_argnames)
+                     static_argnames=static_argnames, in_shardings=in_shardings,
+                     out_shardings=out_shardings, mesh=mesh)
     statics = jitted._signature
     args = [a if i in statics.static_argnums else jax.tree.map(_as_struct, a)
             for i, a in enumerate(args)]

@@ -112,7 +112,7 @@ class ProfileRow:
     hbm_bytes: float
     time_s: float    # modeled
     share: float     # of the program's modeled time, 0..1
-    bound: str       # "compute", "memory", "launch" or "host"
+    bound: str       # "compute", "memory", "launch", "network" or "host"
     stream: str
 
 

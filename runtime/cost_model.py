@@ -97,7 +97,10 @@ class KernelCost:
 
     @property
     def bound(self) -> str:
-        """What limits this kernel: compute, memory, or its launch overhead."""
+        """What limits this kernel: compute, memory, its launch overhead, or
+        the network / host link it waits on."""
+        if self.stream in ("network", "host"):
+            return self.stream
         if max(self.compute_s, self.hbm_s) < self.launch_s:
             return "launch"
         return "compute" if self.compute_s >= self.hbm_s else "memory"
