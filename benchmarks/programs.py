@@ -76,3 +76,78 @@ def make_rnn(key, d=128, steps=32, batch=8):
     k1, k2, k3 = jax.random.split(key, 3)
     return ((jax.random.normal(k1, (d, d)) / np.sqrt(d), jax.random.normal(k2, (d, d)) / np.sqrt(d)),
             jax.random.normal(k3, (steps, batch, d)), jnp.zeros((batch, d)))
+
+
+# ---------------------------------------------------------------- Llama decode
+
+LLAMA_CONFIGS = {
+    # published Llama 3 shapes (Meta, "The Llama 3 Herd of Models", 2024, Table 3)
+    "llama3-8b": dict(layers=32, d_model=4096, ffn=14336, heads=32, kv_heads=8, vocab=128256),
+    "llama3-70b": dict(layers=80, d_model=8192, ffn=28672, heads=64, kv_heads=8, vocab=128256),
+    "llama3-405b": dict(layers=126, d_model=16384, ffn=53248, heads=128, kv_heads=8, vocab=128256),
+    "tiny": dict(layers=2, d_model=64, ffn=128, heads=4, kv_heads=2, vocab=256),
+}
+
+
+def rms_norm(x, w, eps=1e-5):
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype) * w
+
+
+def llama_decode_step(params, cache_k, cache_v, tokens, position, *, heads, kv_heads):
+    """One decode step of a Llama-style model, layers under ``lax.scan``.
+
+    tokens (B,) int32; caches (L, B, S, KV, Dh); position: int32 scalar.
+    Returns logits (B, vocab) and the updated caches."""
+    x = params["embed"][tokens][:, None, :]                    # (B, 1, D)
+    b, _, d = x.shape
+    dh = d // heads
+    group = heads // kv_heads
+
+    def layer(x, weights):
+        w, ck, cv = weights
+        h = rms_norm(x, w["ln1"])
+        q = (h @ w["wq"]).reshape(b, 1, kv_heads, group, dh)
+        k = (h @ w["wk"]).reshape(b, 1, kv_heads, dh)
+        v = (h @ w["wv"]).reshape(b, 1, kv_heads, dh)
+        ck = jax.lax.dynamic_update_slice_in_dim(ck, k, position, axis=1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cv, v, position, axis=1)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, ck) / np.sqrt(dh).astype(x.dtype)
+        live = jnp.arange(ck.shape[1]) <= position
+        scores = jnp.where(live, scores, jnp.finfo(scores.dtype).min)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
+        attn = jnp.einsum("bkgqs,bskd->bqkgd", probs, cv).reshape(b, 1, d)
+        x = x + attn @ w["wo"]
+        h = rms_norm(x, w["ln2"])
+        x = x + (jax.nn.silu(h @ w["w1"]) * (h @ w["w3"])) @ w["w2"]
+        return x, (ck, cv)
+
+    x, (cache_k, cache_v) = jax.lax.scan(layer, x, (params["layers"], cache_k, cache_v))
+    logits = rms_norm(x, params["ln_f"])[:, 0, :] @ params["unembed"]
+    return logits, cache_k, cache_v
+
+
+def llama_shapes(config: dict, batch: int, cache_len: int, dtype=jnp.bfloat16):
+    """ShapeDtypeStructs of (params, cache_k, cache_v, tokens, position)."""
+    c = config
+    d, f, L = c["d_model"], c["ffn"], c["layers"]
+    dh = d // c["heads"]
+    kv = c["kv_heads"] * dh
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
+    layers = {"ln1": s(L, d), "ln2": s(L, d), "wq": s(L, d, d), "wk": s(L, d, kv), "wv": s(L, d, kv),
+              "wo": s(L, d, d), "w1": s(L, d, f), "w3": s(L, d, f), "w2": s(L, f, d)}
+    params = {"embed": s(c["vocab"], d), "layers": layers, "ln_f": s(d), "unembed": s(d, c["vocab"])}
+    cache = s(L, batch, cache_len, c["kv_heads"], dh)
+    return (params, cache, cache, jax.ShapeDtypeStruct((batch,), jnp.int32),
+            jax.ShapeDtypeStruct((), jnp.int32))
+
+
+def llama_shardings(mesh_named):
+    """Megatron tensor parallel over "model", batch over "data" (PartitionSpecs)."""
+    from jax.sharding import PartitionSpec as P
+    layers = {"ln1": P(), "ln2": P(), "wq": P(None, None, "model"), "wk": P(None, None, "model"),
+              "wv": P(None, None, "model"), "wo": P(None, "model", None), "w1": P(None, None, "model"),
+              "w3": P(None, None, "model"), "w2": P(None, "model", None)}
+    params = {"embed": P(), "layers": layers, "ln_f": P(), "unembed": P(None, "model")}
+    cache = P(None, "data", None, "model", None)
+    return (params, cache, cache, P("data"), P())

@@ -15,7 +15,7 @@ from typing import Any
 from lowering.ir import Module
 from lowering.passes import attention, canonicalize, fusion, partition, precision, tiling
 
-PASSES: tuple[ModuleType, ...] = (canonicalize, attention, precision, partition, fusion, tiling)
+PASSES: tuple[ModuleType, ...] = (canonicalize, partition, attention, precision, fusion, tiling)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +39,10 @@ def run_passes(module: Module, ctx: PassContext, passes=PASSES) -> Module:
     dump_dir = os.environ.get("MTIA_JAX_DUMP_IR")
     _dump(dump_dir, module, 0, "import")
     for number, p in enumerate(passes, start=1):
+        layout = module.layout
         module = p.run(module, ctx)
+        if module.layout is None and layout is not None:  # a pass that rebuilt the module
+            module = dataclasses.replace(module, layout=layout)
         _dump(dump_dir, module, number, pass_name(p))
     return module
 

@@ -392,7 +392,10 @@ class JitFunction:
         structs = [jax.ShapeDtypeStruct(shape, dtype, weak_type=weak)
                    for shape, dtype, weak in spec.avals]
         closed = jax.make_jaxpr(flat_fun)(*structs)
-        name = getattr(self._fun, "__name__", "main")
+        fun = self._fun
+        while isinstance(fun, functools.partial):
+            fun = fun.func
+        name = getattr(fun, "__name__", "main")
         module = import_closed_jaxpr(closed, name=name if name.isidentifier() else "main")
         mesh, in_specs, out_specs = self._specs(spec, structs, closed, out_tree_box[0])
         return Lowered(module, self._resolve_chip(), spec.in_tree, out_tree_box[0], donated, self._mode,

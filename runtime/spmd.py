@@ -65,7 +65,7 @@ def vmap_function(module: Module, per_device: Callable) -> Callable:
     fn = per_device
     for a in reversed(axes):
         in_axes = [0 if a in spec else None for spec in layout.in_specs]
-        fn = jax.vmap(fn, in_axes=in_axes, out_axes=0, axis_name=a)
+        fn = jax.vmap(fn, in_axes=in_axes, out_axes=0, axis_name=a, axis_size=sizes[a])
 
     def run(*flat_args):
         blocks = [_split(x, s, axes, sizes) for x, s in zip(flat_args, layout.in_specs)]

@@ -335,7 +335,8 @@ def _reshape_rule(p: Partitioner, op: Op) -> None:
         if a is None:
             continue
         prefix = math.prod(src[:d])
-        j = next((j for j in range(len(dst) + 1) if math.prod(dst[:j]) == prefix), None)
+        # the output dim starting at the same element offset (size-1 dims skipped)
+        j = next((j for j in range(len(dst)) if math.prod(dst[:j]) == prefix and dst[j] != 1), None)
         ok = (j is not None and j < len(dst) and dst[j] % p.mesh[a] == 0
               and (dst[j] % src[d] == 0 or src[d] % dst[j] == 0) and out[j] is None)
         if ok:
@@ -379,6 +380,24 @@ def _slice_dims(op: Op) -> set:
                                                     strides, x.type.shape)) if (s, e, st) != (0, n, 1)}
 
 
+def _gather_rule(p: Partitioner, op: Op) -> None:
+    """Lookups in a replicated table (embeddings): the output keeps the
+    indices' split on its batch dims. Other gathers run replicated."""
+    table, indices = op.operands
+    dn = op.params["dimension_numbers"]
+    if any(a is not None for a in p.spec[table]) or getattr(dn, "operand_batching_dims", ()):
+        return _replicated_rule(p, op)
+    ltable = p.replicated(table)
+    p.resolve(indices)
+    ispec = list(p.spec[indices])
+    ispec[-1] = None  # the index vector dim is never split
+    lidx = p.to_spec(indices, tuple(ispec))
+    batch = iter(ispec[:-1])
+    rank = len(op.results[0].type.shape)
+    out = tuple(None if d in dn.offset_dims else next(batch) for d in range(rank))
+    p.same_op(op, [ltable, lidx], [out])
+
+
 def _sharding_constraint_rule(p: Partitioner, op: Op) -> None:
     (x,), (result,) = op.operands, op.results
     target = normalize_spec(op.attrs["spec"], len(x.type.shape))
@@ -393,15 +412,13 @@ def _shard_map_rule(p: Partitioner, op: Op) -> None:
     for x, param, pspec in zip(op.operands, body.params, op.attrs["in_specs"]):
         lx = p.to_spec(x, normalize_spec(pspec, len(x.type.shape)))
         p.bind(param, lx, (None,) * len(param.type.shape))
-    inner = Partitioner(p.mesh)
-    inner.local, inner.spec, inner.partial = p.local, p.spec, p.partial
-    for body_op in body.ops:  # already per-device: copied as they are
-        inner.ops.append(body_op)
+    rename = {param: p.local[param] for param in body.params}
+    for body_op in body.ops:  # already per-device: copied, reading the resharded operands
+        p.ops.append(dataclasses.replace(body_op, operands=[rename.get(v, v) for v in body_op.operands]))
         for r in body_op.results:
-            inner.bind(r, r, (None,) * len(r.type.shape))
-    p.ops.extend(inner.ops)
+            p.bind(r, r, (None,) * len(r.type.shape))
     for result, out, pspec in zip(op.results, body.outputs, op.attrs["out_specs"]):
-        p.bind(result, p.local[out], normalize_spec(pspec, len(result.type.shape)))
+        p.bind(result, rename.get(out, p.local.get(out, out)), normalize_spec(pspec, len(result.type.shape)))
 
 
 def _replicated_rule(p: Partitioner, op: Op) -> None:
@@ -498,6 +515,13 @@ RULES_BY_KIND: dict[str, Callable[[Partitioner, Op], None]] = {
                                         if tuple(c) != (0, 0, 0)}),
     "rev": _along_dims_rule(lambda op: set(op.params["dimensions"])),
     "sort": _along_dims_rule(lambda op: {op.params["dimension"]}),
+    "dynamic_slice": _along_dims_rule(
+        lambda op: {d for d, (n, k) in enumerate(zip(op.operands[0].type.shape, op.params["slice_sizes"]))
+                    if n != k}, ("slice_sizes",)),
+    "dynamic_update_slice": _along_dims_rule(
+        lambda op: {d for d, (n, k) in enumerate(zip(op.operands[0].type.shape, op.operands[1].type.shape))
+                    if n != k}),
+    "gather": _gather_rule,
     **{k: _along_dims_rule(lambda op: {op.params["axis"]}) for k in
        ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp")},
     **{k: _region_rule for k in REGION_KINDS},
