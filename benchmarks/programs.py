@@ -142,12 +142,17 @@ def llama_shapes(config: dict, batch: int, cache_len: int, dtype=jnp.bfloat16):
             jax.ShapeDtypeStruct((), jnp.int32))
 
 
-def llama_shardings(mesh_named):
-    """Megatron tensor parallel over "model", batch over "data" (PartitionSpecs)."""
+def llama_shardings(config: dict | None = None, model: int = 1):
+    """Megatron tensor parallel over "model", batch over "data" (PartitionSpecs).
+
+    K/V projections and the KV cache split by KV head when ``model`` divides
+    the KV heads, and are replicated over "model" otherwise."""
     from jax.sharding import PartitionSpec as P
-    layers = {"ln1": P(), "ln2": P(), "wq": P(None, None, "model"), "wk": P(None, None, "model"),
-              "wv": P(None, None, "model"), "wo": P(None, "model", None), "w1": P(None, None, "model"),
+    kv_split = config is None or config["kv_heads"] % model == 0
+    kv = P(None, None, "model") if kv_split else P()
+    layers = {"ln1": P(), "ln2": P(), "wq": P(None, None, "model"), "wk": kv, "wv": kv,
+              "wo": P(None, "model", None), "w1": P(None, None, "model"),
               "w3": P(None, None, "model"), "w2": P(None, "model", None)}
     params = {"embed": P(), "layers": layers, "ln_f": P(), "unembed": P(None, "model")}
-    cache = P(None, "data", None, "model", None)
+    cache = P(None, "data", None, "model" if kv_split else None, None)
     return (params, cache, cache, P("data"), P())
