@@ -28,7 +28,7 @@ from jax import lax
 from jax._src.lax import linalg as lax_linalg_internal
 
 import mtia_jax
-from lowering import from_jaxpr
+from lowering import collectives, from_jaxpr, op_kinds
 from mtia_jax import chips
 from mtia_jax.errors import MTIAHostFallbackWarning
 
@@ -620,6 +620,10 @@ UNREACHED = {
     "expand_dims", "tile",  # first-slice kinds; jax 0.10 has no such primitives
     "scan", "while", "cond",  # region ops: tests/test_regions.py
     *from_jaxpr.CALL_PRIMITIVES,  # inlined calls: tests/test_lowering.py
+    # mtia-jax's own primitives: their own test files (tests/test_mx_matmul.py, ...)
+    *op_kinds._GROUPS["accelerated"],
+    # collectives, shard_map, sharding constraints: tests/test_sharding.py
+    *collectives.IMPORT_RULES, *op_kinds._GROUPS["collective"], "sharding_constraint", "shard_slice",
 }
 
 
