@@ -398,6 +398,53 @@ def _gather_rule(p: Partitioner, op: Op) -> None:
     p.same_op(op, [ltable, lidx], [out])
 
 
+def _flash_attention_rule(p: Partitioner, op: Op) -> None:
+    """``flash_attention`` (B, T, N, H): batch and heads stay split (heads only
+    when the mesh axis also divides the K/V heads); masks, biases and
+    lengths follow; the op runs on each device's heads."""
+    if op.regions:  # a recognised pattern: its body partitions like any program
+        return _region_rule(p, op)
+    q, k = op.operands[0], op.operands[1]
+    for v in op.operands:
+        p.resolve(v)
+    b, _, n, _ = p.spec[q]
+    if n is not None and (k.type.shape[2] % p.mesh[n] or q.type.shape[2] % p.mesh[n]):
+        n = None
+    if b is not None and any(v.type.shape[0] % p.mesh[b] for v in op.operands[:3]):
+        b = None
+    roles = ("query", "key", "value") + tuple(op.params.get("optional_operands", ()))
+    operands = []
+    for role, v in zip(roles, op.operands):
+        shape = v.type.shape
+        if role in ("query", "key", "value"):
+            spec = (b, None, n, None)
+        elif role in ("bias", "mask"):
+            spec = (b if shape[0] == q.type.shape[0] else None,
+                    n if shape[1] == q.type.shape[2] else None) + (None,) * (len(shape) - 2)
+        else:  # per-sequence lengths
+            spec = (b,)
+        operands.append(p.to_spec(v, spec))
+    p.same_op(op, operands, [(b, None, n, None)])
+
+
+def _moe_ffn_rule(p: Partitioner, op: Op) -> None:
+    """``moe_ffn``: tokens split over one axis (data parallel), every expert's
+    FFN width over another (tensor parallel: a partial sum, all-reduced by the
+    consumer). Experts themselves are not split yet: the primitive routes over
+    all experts on every device."""
+    x, logits, w_gate, w_up, w_down = op.operands
+    for v in op.operands:
+        p.resolve(v)
+    t = p.spec[x][0]
+    f = p.spec[w_gate][2] or p.spec[w_down][1]
+    if f == t:
+        f = None
+    operands = [p.to_spec(x, (t, None)), p.to_spec(logits, (t, None)),
+                p.to_spec(w_gate, (None, None, f)), p.to_spec(w_up, (None, None, f)),
+                p.to_spec(w_down, (None, f, None))]
+    p.same_op(op, operands, [(t, None)], frozenset({f}) if f else frozenset())
+
+
 def _sharding_constraint_rule(p: Partitioner, op: Op) -> None:
     (x,), (result,) = op.operands, op.results
     target = normalize_spec(op.attrs["spec"], len(x.type.shape))
@@ -522,6 +569,8 @@ RULES_BY_KIND: dict[str, Callable[[Partitioner, Op], None]] = {
         lambda op: {d for d, (n, k) in enumerate(zip(op.operands[0].type.shape, op.operands[1].type.shape))
                     if n != k}),
     "gather": _gather_rule,
+    "flash_attention": _flash_attention_rule,
+    "moe_ffn": _moe_ffn_rule,
     **{k: _along_dims_rule(lambda op: {op.params["axis"]}) for k in
        ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp")},
     **{k: _region_rule for k in REGION_KINDS},
