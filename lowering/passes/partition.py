@@ -478,23 +478,29 @@ def _replicated_rule(p: Partitioner, op: Op) -> None:
 
 # ------------------------------------------------------------ regions
 
-def _partition_region(p: Partitioner, region: Module, specs: list[Spec],
-                      out_specs: list[Spec] | None) -> tuple[Module, list[Spec]]:
-    inner = Partitioner(p.mesh)
+def _partition_function(mesh: dict[str, int], module: Module, in_specs: list[Spec],
+                        out_specs: list[Spec | None] | None) -> tuple[Module, list[Spec]]:
+    """The per-device version of ``module`` (a program or a region) and the
+    specs of its outputs; ``out_specs`` entries of None leave an output as it comes."""
+    inner = Partitioner(mesh)
     params = []
-    for v, s in zip(region.params, specs):
+    for v, s in zip(module.params, in_specs, strict=True):
         local = Value(inner.local_type(v.type, s))
         inner.bind(v, local, s)
         params.append(local)
-    inner.run_ops(region.ops)
+    inner.run_ops(module.ops)
     outs, final = [], []
-    for i, v in enumerate(region.outputs):
+    for i, v in enumerate(module.outputs):
         want = out_specs[i] if out_specs is not None else None
         inner.resolve(v, want)
-        lv = inner.to_spec(v, want) if want is not None else inner.local[v]
-        outs.append(lv)
+        outs.append(inner.to_spec(v, want) if want is not None else inner.local[v])
         final.append(want if want is not None else inner.spec[v])
-    return Module(region.name, params, inner.ops, outs), final
+    return Module(module.name, params, inner.ops, outs), final
+
+
+def _partition_region(p: Partitioner, region: Module, specs: list[Spec],
+                      out_specs: list[Spec | None] | None) -> tuple[Module, list[Spec]]:
+    return _partition_function(p.mesh, region, specs, out_specs)
 
 
 def _region_rule(p: Partitioner, op: Op) -> None:
@@ -589,24 +595,9 @@ RULES_BY_CATEGORY["constant"] = _constant_rule
 def partition(module: Module, mesh: dict[str, int], in_specs: list[Spec],
               out_specs: list[Spec | None] | None = None) -> Module:
     """The per-device module of ``module`` over ``mesh``."""
-    p = Partitioner(mesh)
-    params = []
-    for v, s in zip(module.params, in_specs, strict=True):
-        local = Value(p.local_type(v.type, s))
-        p.bind(v, local, s)
-        params.append(local)
-    p.run_ops(module.ops)
-    outputs, final = [], []
-    for i, v in enumerate(module.outputs):
-        want = out_specs[i] if out_specs is not None and out_specs[i] is not None else None
-        if v not in p.local:  # an output that is an input or a constant
-            p.bind(v, v, (None,) * len(v.type.shape))
-        p.resolve(v, want)
-        lv = p.to_spec(v, want) if want is not None else p.local[v]
-        outputs.append(lv)
-        final.append(want if want is not None else p.spec[v])
+    result, final = _partition_function(mesh, module, list(in_specs), out_specs)
     layout = SpmdLayout(tuple(mesh.items()), tuple(tuple(s) for s in in_specs), tuple(final))
-    result = Module(module.name, params, p.ops, outputs, layout=layout)
+    result = dataclasses.replace(result, layout=layout)
     collectives.set_groups(result, mesh)
     return result
 
