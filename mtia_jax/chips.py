@@ -89,6 +89,7 @@ UNITS = ("flash_attention", "moe_ffn", "near_memory_reduce", "mx_matmul")
 NUMERIC_FIELDS = (
     "hbm_bytes",
     "hbm_bandwidth",
+    "hbm_random_access_efficiency",
     "sram_bytes",
     "sram_bandwidth",
     "pe_rows",
@@ -111,6 +112,7 @@ _INT_FIELDS = frozenset(
 _FIELD_UNITS = {
     "hbm_bytes": "B",
     "hbm_bandwidth": "B/s",
+    "hbm_random_access_efficiency": "",
     "sram_bytes": "B",
     "sram_bandwidth": "B/s",
     "pe_rows": "",
@@ -332,6 +334,9 @@ class ChipSpec:
     ``hbm_bytes``/``hbm_bandwidth`` describe the off-chip DRAM; on MTIA v1
     and MTIA 2i that is LPDDR5, not HBM (``memory_kind`` says which).
     ``scaleup_link_bandwidth`` is unidirectional, per device.
+    ``hbm_random_access_efficiency`` (in (0, 1]) is the fraction of
+    ``hbm_bandwidth`` achieved by reads of scattered 64-byte granules (rows
+    gathered at random, as in embedding lookups) instead of streams.
     ``sources`` maps a field name (``"hbm_bandwidth"``) or a rate key
     (``"peak_flops.bf16"``, ``"vector_flops.fp32"``) to the source text.
     """
@@ -356,6 +361,7 @@ class ChipSpec:
     scaleup_link_bandwidth: float
     scaleup_link_latency_s: float
     kernel_launch_s: float
+    hbm_random_access_efficiency: float
     units: frozenset = frozenset()
     sources: Mapping[str, str] = dataclasses.field(default_factory=FrozenMapping)
     memory_kind: str = "HBM"
@@ -378,6 +384,9 @@ class ChipSpec:
                 set_(self, field, int(value))
             else:
                 set_(self, field, float(value))
+        if self.hbm_random_access_efficiency > 1:
+            raise ValueError(f"{self.name}: hbm_random_access_efficiency is a fraction of the "
+                             f"HBM bandwidth in (0, 1], got {self.hbm_random_access_efficiency!r}")
         units = frozenset(self.units)
         unknown = units - set(UNITS)
         if unknown:
@@ -691,6 +700,16 @@ _A_SCALEUP_LATENCY_MTIA = (
     "assumption: 2 us per message on the scale-up fabric (RDMA-style network; MTIA 300 has "
     "built-in NIC chiplets, P [HWL26, WCCF26]); not published"
 )
+_A_RANDOM_HBM = (
+    "assumption: not published; scattered 64-byte reads need a DRAM row activation each, "
+    "and activation-rate limits (tRRD/tFAW) let an HBM pseudo-channel open a new row about "
+    "every other 64-byte transfer time: 0.5 of the streaming bandwidth"
+)
+_A_RANDOM_LPDDR = (
+    "assumption: not published; as for HBM (a row activation per scattered 64-byte read), "
+    "lowered to 0.4 because an LPDDR5 channel has fewer banks to overlap activations than an "
+    "HBM pseudo-channel"
+)
 _NMR_300 = (
     "near_memory_reduce: P [HWL26, WCCF26] (near-memory compute, message engines that "
     "offload collectives)"
@@ -794,6 +813,7 @@ def _mtia_2026(
         scaleup_link_bandwidth=(scaleup_tbs * TB, _SRC_FIL26 + ", unidirectional per device"),
         scaleup_link_latency_s=(2 * US, _A_SCALEUP_LATENCY_MTIA),
         kernel_launch_s=(1 * US, _A_LAUNCH_REUSE),
+        hbm_random_access_efficiency=(0.5, _A_RANDOM_HBM),
     )
 
 
@@ -858,6 +878,7 @@ def _nvidia_hopper(
         ),
         scaleup_link_latency_s=(1 * US, "assumption: 1 us per NVLink message (through NVSwitch); not in hardware-facts"),
         kernel_launch_s=(3 * US, "assumption: a few us of host-side CUDA kernel launch overhead; 3 us chosen"),
+        hbm_random_access_efficiency=(0.5, _A_RANDOM_HBM),
     )
 
 
@@ -989,6 +1010,7 @@ def _catalogue() -> list[ChipSpec]:
         ),
         scaleup_link_latency_s=(2 * US, "derived: two host-link transfers (device -> host -> device) at the assumed 1 us"),
         kernel_launch_s=(1 * US, _A_LAUNCH_REUSE),
+        hbm_random_access_efficiency=(0.4, _A_RANDOM_LPDDR),
     )
 
     mtia_v2i = _spec(
@@ -1034,6 +1056,7 @@ def _catalogue() -> list[ChipSpec]:
         ),
         scaleup_link_latency_s=(2 * US, "derived: two host-link transfers (device -> host -> device) at the assumed 1 us"),
         kernel_launch_s=(1 * US, "P [TR24] (eager-mode job launch < 1 us; the bound is used)"),
+        hbm_random_access_efficiency=(0.4, _A_RANDOM_LPDDR),
     )
 
     h100 = _nvidia_hopper(

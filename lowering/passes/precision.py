@@ -1,10 +1,245 @@
-"""Dtype policy pass: matmuls with a weight operand become ``mx_matmul``
-under the active ``mtia_jax.PrecisionPolicy`` (to be filled in)."""
+"""Dtype policy pass: matmuls with a weight operand become ``mx_matmul``.
+
+Runs when ``ctx.precision`` holds a ``mtia_jax.PrecisionPolicy``; without one
+the module is returned unchanged (numerics bit for bit those of ``jax.jit``).
+
+What is a weight: a value that is one of the module's parameters (a program
+argument), or is made from one by ops that keep it a weight (``WEIGHT_VIEWS``:
+reshape, squeeze, expand_dims, transpose, convert_element_type, copy, slice,
+dynamic_slice, stop_gradient, and all_gather of a sharded weight; the pass
+runs after partitioning, so it sees each device's program). Inside control
+flow, a region parameter is a weight when the region op feeds it a weight and
+the parameter holds the same data on every iteration or a slice of it: a
+scan's consts and its ``xs`` (stacked per-layer weights scanned over), a while
+loop's body/cond consts, a cond's operands. Loop-carried values are never
+weights.
+
+What is rewritten: a floating-point ``dot_general`` with
+
+* no batch dimensions and at least one contracting dimension, one of whose
+  operands is a weight: that operand gets ``policy.weights``, the other
+  ``policy.activations``. When both operands are weights (``x`` and ``W``
+  both passed in), the right-hand one is the weight (the ``x @ W``
+  convention of jnp and Flax);
+* with ``policy.attention``, also every other floating-point ``dot_general``
+  with a contracting dimension (both operands activations: attention
+  scores and values, batch dimensions allowed): both get
+  ``policy.activations``.
+
+The rewrite flattens the operands to ``(M, K) @ (K, N)`` (or
+``(B, M, K) @ (B, K, N)`` with batch dimensions), inserting a transpose only
+where the contracting dimensions are not already innermost (``a``) or
+outermost (``b``), and reshapes the result back to the ``dot_general``'s
+layout. Several contracting dimensions are flattened into one K, taken in the
+weight's axis order (so the weight needs no transpose; the right-hand
+operand's order when neither is a weight), and MX blocks run along that K.
+The result keeps the ``dot_general``'s dtype (``out_dtype``), accumulated in
+float32.
+
+Left unchanged: integer or mixed-kind products, products with batch
+dimensions (a batched weight, as in an MoE expert einsum, or attention
+against a KV cache passed as an argument) unless ``policy.attention``,
+products with no contracting dimension (outer products) or a zero-sized
+dimension, and ops with regions other than control flow (a
+``flash_attention`` op from the attention pass, fused kernels): their bodies
+are kept as they are. A policy whose two formats are both None changes
+nothing.
+"""
 
 from __future__ import annotations
 
-from lowering.ir import Module
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lowering.ir import Module, Op, Value
+from mtia_jax.mx import DEFAULT_BLOCK_SIZE
+from mtia_jax.primitives.mx_matmul import (mx_matmul_p, operand_class, operand_layout,
+                                           operand_nbytes, pair_class)
+
+# ops whose result is a weight when their (first) operand is one (an
+# all_gather from the partition pass reassembles a sharded weight)
+WEIGHT_VIEWS = frozenset({
+    "reshape", "squeeze", "expand_dims", "transpose", "convert_element_type", "copy",
+    "slice", "dynamic_slice", "stop_gradient", "all_gather",
+})
 
 
 def run(module: Module, ctx=None) -> Module:
-    return module
+    policy = getattr(ctx, "precision", None)
+    if policy is None or (policy.weights is None and policy.activations is None):
+        return module
+    return _rewrite(module, set(module.params), policy)
+
+
+# ------------------------------------------------------------ weights through regions
+
+def _scan_weights(op: Op, name: str, weights: set[Value]) -> list[bool]:
+    n_consts, n_carry = op.params["num_consts"], op.params["num_carry"]
+    return [v in weights and not n_consts <= i < n_consts + n_carry
+            for i, v in enumerate(op.operands)]
+
+
+def _while_weights(op: Op, name: str, weights: set[Value]) -> list[bool]:
+    n_cond, n_body = op.params["cond_nconsts"], op.params["body_nconsts"]
+    consts = op.operands[:n_cond] if name == "cond" else op.operands[n_cond:n_cond + n_body]
+    carry = len(op.operands) - n_cond - n_body
+    return [v in weights for v in consts] + [False] * carry
+
+
+def _cond_weights(op: Op, name: str, weights: set[Value]) -> list[bool]:
+    return [v in weights for v in op.operands[1:]]
+
+
+# region-op kind -> which parameters of region ``name`` are weights
+REGION_WEIGHTS = {"scan": _scan_weights, "while": _while_weights, "cond": _cond_weights}
+
+
+def _region_weights(op: Op, name: str, weights: set[Value]) -> set[Value]:
+    region = op.regions[name]
+    flags = REGION_WEIGHTS[op.kind](op, name, weights)
+    return {p for p, is_weight in zip(region.params, flags, strict=True) if is_weight}
+
+
+# ------------------------------------------------------------ the rewrite
+
+def _rewrite(module: Module, weights: set[Value], policy) -> Module:
+    weights = set(weights)
+    rename: dict[Value, Value] = {}
+    ops: list[Op] = []
+    for op in module.ops:
+        if any(v in rename for v in op.operands):
+            op = dataclasses.replace(op, operands=[rename.get(v, v) for v in op.operands])
+        if op.regions:
+            if op.kind in REGION_WEIGHTS:  # control flow; other bodies are left alone
+                op = dataclasses.replace(op, regions={
+                    name: _rewrite(region, _region_weights(op, name, weights), policy)
+                    for name, region in op.regions.items()})
+        elif op.kind in WEIGHT_VIEWS and op.operands and op.operands[0] in weights:
+            weights.update(op.results)
+        elif op.kind == "dot_general":
+            formats = _formats(op, weights, policy)
+            if formats is not None:
+                new_ops, result = _mx_ops(op, *formats)
+                ops.extend(new_ops)
+                rename[op.results[0]] = result
+                continue
+        ops.append(op)
+    outputs = [rename.get(v, v) for v in module.outputs]
+    return Module(module.name, module.params, ops, outputs)
+
+
+def _floating(v: Value) -> bool:
+    dtype = v.type.dtype
+    return isinstance(dtype, np.dtype) and jnp.issubdtype(dtype, jnp.floating)
+
+
+def _formats(op: Op, weights: set[Value], policy) -> tuple[str | None, str | None, int] | None:
+    """(lhs format, rhs format, index of the weight operand, or 1 when neither is
+    one) for a ``dot_general`` to rewrite, or None to keep it."""
+    lhs, rhs = op.operands
+    (lc, _), (lb, _) = op.params["dimension_numbers"]
+    if not (_floating(lhs) and _floating(rhs) and _floating(op.results[0])) or not lc:
+        return None
+    if any(d == 0 for v in (lhs, rhs) for d in v.type.shape):
+        return None
+    act, weight = policy.activations, policy.weights
+    if not lb and rhs in weights:
+        formats = (act, weight, 1)
+    elif not lb and lhs in weights:
+        formats = (weight, act, 0)
+    elif policy.attention:
+        formats = (act, act, 1)
+    else:
+        return None
+    return None if formats[:2] == (None, None) else formats
+
+
+def _contraction_order(dimension_numbers, weight_side: int):
+    """The dimension numbers with the contracting pairs in the weight's axis
+    order, so that flattening them into one K does not transpose the weight."""
+    (lc, rc), batch = dimension_numbers
+    pairs = sorted(zip(lc, rc), key=lambda pair: pair[weight_side])
+    return (tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)), batch
+
+
+def _mx_dot(lhs, rhs, *, dimension_numbers, a_format, b_format, out_dtype):
+    """``dot_general(lhs, rhs)`` as one ``mx_matmul`` between transposes/reshapes."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    lf = [d for d in range(lhs.ndim) if d not in (*lc, *lb)]
+    rf = [d for d in range(rhs.ndim) if d not in (*rc, *rb)]
+    size = lambda x, dims: math.prod(x.shape[d] for d in dims)
+    batch = (size(lhs, lb),) if lb else ()
+    a = _layout(lhs, (*lb, *lf, *lc), (*batch, size(lhs, lf), size(lhs, lc)))
+    b = _layout(rhs, (*rb, *rc, *rf), (*batch, size(rhs, rc), size(rhs, rf)))
+    out = mx_matmul_p.bind(a, b, a_format=a_format, b_format=b_format, a_packed=False,
+                           b_packed=False, block_size=DEFAULT_BLOCK_SIZE, out_dtype=np.dtype(out_dtype))
+    shape = (*(lhs.shape[d] for d in lb), *(lhs.shape[d] for d in lf),
+             *(rhs.shape[d] for d in rf))
+    return out.reshape(shape) if out.shape != shape else out
+
+
+def _layout(x, perm, shape):
+    if tuple(perm) != tuple(range(x.ndim)):
+        x = lax.transpose(x, perm)
+    return lax.reshape(x, shape) if x.shape != tuple(shape) else x
+
+
+@functools.lru_cache(maxsize=1024)
+def _traced(lhs_type, rhs_type, dimension_numbers, a_format, b_format, out_dtype):
+    fn = functools.partial(_mx_dot, dimension_numbers=dimension_numbers, a_format=a_format,
+                           b_format=b_format, out_dtype=out_dtype)
+    return jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(*lhs_type), jax.ShapeDtypeStruct(*rhs_type))
+
+
+def _mx_ops(op: Op, a_format: str | None, b_format: str | None,
+            weight_side: int) -> tuple[list[Op], Value]:
+    """The ops replacing ``op``, and the value that replaces its result."""
+    from lowering.from_jaxpr import Builder  # the importer builds the new ops from a trace
+
+    lhs, rhs = op.operands
+    dims = tuple(tuple(tuple(int(d) for d in dims) for dims in pair)
+                 for pair in op.params["dimension_numbers"])
+    dims = _contraction_order(dims, weight_side)
+    closed = _traced((lhs.type.shape, lhs.type.dtype), (rhs.type.shape, rhs.type.dtype), dims,
+                     a_format, b_format, np.dtype(op.results[0].type.dtype))
+    builder = Builder()
+    builder.current_source = op.source
+    (result,) = builder.import_jaxpr(closed.jaxpr, closed.consts, [lhs, rhs])
+    for new in builder.ops:
+        new.source = op.source
+    return builder.ops, result
+
+
+# ------------------------------------------------------------ tiling
+
+def mx_matmul_gemm_shape(op: Op):
+    """An ``mx_matmul`` op as ``lowering.passes.tiling.GemmShape``: operand
+    bytes packed for MX operands, dtype naming the class the product runs at."""
+    from lowering.passes.tiling import GemmShape
+
+    p = op.params
+    na, _ = operand_layout(p)
+    a, b = op.operands[0].type, op.operands[na].type
+    bs = p["block_size"]
+    batch = math.prod(b.shape[:-2])
+    m = math.prod(a.shape[:-1]) // max(batch, 1)
+    cls = pair_class(operand_class(p["a_format"], a.dtype), operand_class(p["b_format"], b.dtype))
+    return GemmShape(batch, m, b.shape[-1], a.shape[-1],
+                     operand_nbytes(a.shape, a.dtype, p["a_format"], len(a.shape) - 1, bs),
+                     operand_nbytes(b.shape, b.dtype, p["b_format"], len(b.shape) - 2, bs),
+                     op.results[0].type.nbytes, CLASS_DTYPE[cls])
+
+
+# compute class -> a dtype name of that class (the tile search needs a NumPy
+# dtype for its element size and a class for its peak rate); fp8 and mx8 have
+# the same rate on every catalogued chip that has either
+CLASS_DTYPE = {
+    "mx4": "float4_e2m1fn", "mx6": "float6_e2m3fn", "mx8": "float8_e4m3fn",
+    "fp8": "float8_e4m3fn", "int8": "int8", "bf16": "bfloat16", "fp32": "float32",
+}

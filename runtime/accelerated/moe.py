@@ -1,3 +1,82 @@
-"""Work rules for the moe primitives (see runtime.accelerated)."""
+"""Work rule for ``moe_ffn`` (``mtia_jax.primitives.moe_ffn``), the MoE FFN unit.
 
-RULES: dict = {}
+For ``T`` tokens of ``D`` features, ``E`` experts of hidden size ``F`` and
+``k`` experts per token (every slot runs: dropless):
+
+compute
+    matrix engine: 2 * 3 * T k D F FLOPs (gate, up and down products of the
+    T k routed slots), at the promoted operand dtype's rate;
+    plus 2 T k F (SwiGLU epilogue: ``g * sigmoid(g)``, ``* up``) and 2 T k D
+    (weighted combine: a multiply and an accumulate per slot element)
+    elementwise FLOPs, counted in ``flops`` and timed with the matrix work
+    (an ``OpWork`` has one engine; they are 1/(3D) and 1/(3F) of it);
+    special functions: T k F sigmoids and T k softmax exponentials (absorbed
+    by the unit on chips that have it, else at the vector rate). The top-k
+    selection (T E log2 k comparisons) is left out: E is tiny next to D F.
+
+HBM bytes
+    ``x``, ``router_logits`` and the result once each, plus the weights of
+    the experts that receive at least one token. Which experts those are
+    depends on the data and the cost model is static, so it charges the
+    expected number under *uniform routing* (each token's k distinct experts
+    a uniformly random k-subset of the E, independently per token):
+
+        P(expert e unused) = (1 - k/E)^T
+        E_hit = E * (1 - (1 - k/E)^T)
+
+    experts, each ``3 D F`` weights. (Real routers are skewed, which hits
+    fewer distinct experts; uniform routing is the bandwidth-heavy case for
+    a given T.)
+
+without the unit (``unit="moe_ffn"`` not in ``chip.units``)
+    the token dispatch and combine go through HBM (``bytes_saved_by_unit``):
+    the dispatch writes the T k routed rows of D activations grouped by
+    expert and the expert products read them back; the products write their
+    T k output rows and the combine reads them back: 4 T k D elements of
+    the activation dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.op_work import OpWork
+
+# SwiGLU epilogue per hidden element: g * sigmoid(g), then * up
+EPILOGUE_FLOPS_PER_HIDDEN = 2
+# combine per slot element: multiply by the routing weight, accumulate
+COMBINE_FLOPS_PER_ELEMENT = 2
+# dispatch (write + read) and combine (write + read) of T k D activations
+DISPATCH_COMBINE_PASSES = 4
+
+
+def expected_experts_hit(tokens: int, experts: int, top_k: int) -> float:
+    """Expected number of distinct experts that receive a token when each of
+    ``tokens`` tokens picks ``top_k`` distinct experts of ``experts``
+    uniformly at random: ``E * (1 - (1 - k/E)^T)``."""
+    return experts * (1.0 - (1.0 - top_k / experts) ** tokens)
+
+
+def _moe_ffn_work(op) -> OpWork:
+    x, logits, w_gate, w_up, w_down = (v.type for v in op.operands)
+    out = op.results[0].type
+    t, d = x.shape
+    e, _, f = w_gate.shape
+    k = op.params["top_k"]
+    slots = t * k
+    per_expert_weight_bytes = (w_gate.nbytes + w_up.nbytes + w_down.nbytes) / e
+    hbm = (x.nbytes + logits.nbytes + out.nbytes
+           + expected_experts_hit(t, e, k) * per_expert_weight_bytes)
+    return OpWork(
+        flops=2 * 3 * slots * d * f + EPILOGUE_FLOPS_PER_HIDDEN * slots * f
+        + COMBINE_FLOPS_PER_ELEMENT * slots * d,
+        transcendentals=slots * f + slots,
+        engine="matrix",
+        dtype=np.result_type(x.dtype, w_gate.dtype, w_up.dtype, w_down.dtype),
+        hbm_bytes=hbm,
+        unit="moe_ffn",
+        bytes_saved_by_unit=DISPATCH_COMBINE_PASSES * slots * d * out.dtype.itemsize,
+    )
+
+
+RULES = {"moe_ffn": _moe_ffn_work}
