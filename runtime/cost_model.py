@@ -260,7 +260,9 @@ def program_cost(module: Module, chip: ChipSpec,
     # HBM, each exactly once.
     compute_floor = max(sum(k.ideal_matrix_s for k in kernels), sum(k.ideal_vector_s for k in kernels))
     io_values = {*module.params, *module.outputs}
-    min_bytes = float(sum(v.type.nbytes for v in io_values))
+    # (unless the kernels move less: a lookup reads a few rows of a table, MX
+    # weights are read packed)
+    min_bytes = min(float(sum(v.type.nbytes for v in io_values)), sum(k.hbm_bytes for k in kernels))
     roofline = max(compute_floor, min_bytes / chip.hbm_bandwidth)
     return ProgramCost(chip=chip.name, kernels=tuple(kernels), roofline_time_s=roofline,
                        min_hbm_bytes=min_bytes, time_s=makespan,

@@ -327,7 +327,15 @@ def _random_gamma_work(op: Op) -> OpWork:
 
 
 # op kind -> rule, for kinds whose work differs from their category's rule
+def _dynamic_update_slice_work(op: Op) -> OpWork:
+    # done in place (as XLA does): only the update is read and written, the
+    # rest of the operand (a KV cache, say) stays where it is
+    update = op.operands[1].type.nbytes
+    return OpWork(hbm_bytes=2.0 * update + sum(v.type.nbytes for v in op.operands[2:]))
+
+
 KIND_RULES: dict[str, Callable[[Op], OpWork]] = {
+    "dynamic_update_slice": _dynamic_update_slice_work,
     "reduce": _generic_reduce_work,
     "reduce_window": _generic_reduce_window_work,
     "select_and_scatter_add": _select_and_scatter_add_work,

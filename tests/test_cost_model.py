@@ -153,3 +153,16 @@ def test_hbm_overflow_fails_to_compile_naming_the_buffers():
     assert "74.506 GiB" in message  # the capacity: 80e9 bytes
     # the same program fits in MTIA 450's 288 GB
     mtia_jax.jit(f, chip="mtia450").lower(big, big).compile()
+
+
+def test_dynamic_update_slice_is_in_place():
+    # a KV-cache update: only the new entries move, and the cache is not copied
+    cache = jax.ShapeDtypeStruct((64, 2048, 8, 128), jnp.bfloat16)
+    new = jax.ShapeDtypeStruct((64, 1, 8, 128), jnp.bfloat16)
+    f = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=1)
+    compiled = mtia_jax.jit(f, donate_argnums=0).lower(cache, new, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+    (kernel,) = [k for k in compiled.cost.kernels if k.kind == "dynamic_update_slice"]
+    assert kernel.hbm_bytes == 2 * 64 * 8 * 128 * 2 + 4 * 4  # update in and out, four scalar indices
+    cache_and_update = 64 * 2048 * 8 * 128 * 2 + 64 * 8 * 128 * 2
+    # no second copy of the cache (only a few scalar bytes beside it)
+    assert 0 <= compiled.cost_analysis()["peak_hbm_bytes"] - cache_and_update < 64
