@@ -9,7 +9,6 @@ and compile time for 1, 8 and 32 unrolled transformer layers, which should
 grow linearly with program size.
 """
 
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,16 +31,20 @@ def first_call_seconds(jit, fn, args) -> float:
     return time.perf_counter() - start
 
 
-def call_seconds(f, args, calls: int) -> float:
-    jax.block_until_ready(f(*args))
-    samples = []
-    for _ in range(7):
-        start = time.perf_counter()
-        for _ in range(calls):
-            out = f(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples)
+def call_seconds(functions, args, calls: int, rounds: int = 9) -> list[float]:
+    """Best per-call time of each function; rounds alternate between them so
+    that load from other processes hits both alike."""
+    for f in functions:
+        jax.block_until_ready(f(*args))
+    best = [float("inf")] * len(functions)
+    for _ in range(rounds):
+        for i, f in enumerate(functions):
+            start = time.perf_counter()
+            for _ in range(calls):
+                out = f(*args)
+            jax.block_until_ready(out)
+            best[i] = min(best[i], (time.perf_counter() - start) / calls)
+    return best
 
 
 def main():
@@ -55,8 +58,7 @@ def main():
     for name, (fn, args) in cases.items():
         compile_jax = min(first_call_seconds(jax.jit, fn, args) for _ in range(3))
         compile_mtia = min(first_call_seconds(mtia_jax.jit, fn, args) for _ in range(3))
-        f_jax, f_mtia = jax.jit(fn), mtia_jax.jit(fn)
-        t_jax, t_mtia = call_seconds(f_jax, args, 200), call_seconds(f_mtia, args, 200)
+        t_jax, t_mtia = call_seconds([jax.jit(fn), mtia_jax.jit(fn)], args, 200)
         print(f"{name:<18} {t_jax * 1e6:>15.1f} {t_mtia * 1e6:>13.1f} {t_mtia / t_jax:>10.3f} "
               f"{compile_jax:>13.3f} {compile_mtia:>14.3f} {compile_mtia / compile_jax:>13.2f}")
 
