@@ -28,6 +28,9 @@ _LAZY = {
     "PrecisionPolicy": ("mtia_jax.precision", "PrecisionPolicy"),
     "precision_policy": ("mtia_jax.precision", "precision_policy"),
     "errors": ("mtia_jax.errors", None),
+    "primitives": ("mtia_jax.primitives", None),
+    **{name: ("mtia_jax.primitives", name) for name in (
+        "mx_matmul", "flash_attention", "rms_norm", "layer_norm", "swiglu", "moe_ffn", "embedding_bag")},
 }
 
 __all__ = sorted(_LAZY)

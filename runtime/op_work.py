@@ -35,6 +35,7 @@ Where XLA has no convention we document our own:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -352,12 +353,16 @@ KIND_RULES: dict[str, Callable[[Op], OpWork]] = {
 }
 
 
-# mtia-jax's own primitives; imported here because their rules build OpWorks
-from runtime.accelerated import RULES as ACCELERATED_RULES  # noqa: E402
+@functools.cache
+def _accelerated_rules() -> dict:
+    # mtia-jax's own primitives (runtime.accelerated); looked up on first use
+    # because those rule modules import OpWork from here
+    from runtime.accelerated import RULES
+    return RULES
 
 
 def work_of(op: Op) -> OpWork:
-    rule = KIND_RULES.get(op.kind) or ACCELERATED_RULES.get(op.kind)
+    rule = KIND_RULES.get(op.kind) or _accelerated_rules().get(op.kind)
     if rule is None:
         rule = CATEGORY_RULES[KIND_CATEGORY[op.kind]]
     return rule(op)

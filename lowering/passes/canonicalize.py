@@ -23,7 +23,7 @@ FOLD_MAX_ELEMENTS = 1024
 
 FOLDABLE = frozenset({
     "add", "sub", "mul", "div", "rem", "neg", "max", "min", "abs", "sign", "floor", "ceil",
-    "round", "clamp", "sqrt", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "xor", "not",
+    "round", "clamp", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "xor", "not",
     "select_n", "convert_element_type", "broadcast_in_dim", "reshape", "squeeze",
     "expand_dims", "transpose", "concatenate", "slice", "iota", "stop_gradient",
 })

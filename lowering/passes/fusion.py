@@ -30,6 +30,7 @@ import itertools
 from lowering.ir import Module, Op, Value
 from lowering.op_kinds import KIND_CATEGORY
 from lowering.passes import dce
+from lowering.regions import REGION_KINDS
 
 # what an op contributes to a kernel
 ROLE_BY_CATEGORY = {
@@ -172,9 +173,11 @@ def _fused_op(group: _Group, escaping: set[Value]) -> Op:
 
 
 def fuse(module: Module) -> Module:
+    # control-flow bodies are programs of their own; the body of an op the
+    # compiler recognised (flash_attention) stays as matched
     module = dataclasses.replace(module, ops=[
         dataclasses.replace(op, regions={k: fuse(r) for k, r in op.regions.items()})
-        if op.regions else op for op in module.ops])
+        if op.kind in REGION_KINDS else op for op in module.ops])
     return _Fuser(module).run()
 
 

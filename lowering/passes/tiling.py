@@ -32,6 +32,7 @@ import numpy as np
 
 from lowering.ir import Module, Op
 from lowering.op_kinds import KIND_CATEGORY
+from lowering.regions import REGION_KINDS
 from lowering.passes import precision
 
 # Assumption (not published for any MTIA generation): the Dot Product Engine
@@ -202,7 +203,7 @@ def tile_for(op: Op, chip) -> Tile | None:
 def run(module: Module, ctx) -> Module:
     ops = []
     for op in module.ops:
-        if op.regions and op.kind != "fused_kernel":
+        if op.kind in REGION_KINDS:
             op = dataclasses.replace(op, regions={k: run(r, ctx) for k, r in op.regions.items()})
         else:
             tile = tile_for(op, ctx.chip)
