@@ -52,3 +52,25 @@ def test_moe_ffn_tensor_parallel_experts_need_one_all_reduce():
     args = (x, logits, w_gate, w_up, w_down)
     np.testing.assert_allclose(g(*args), jax.jit(f)(*args), rtol=1e-5, atol=1e-6)
     assert _kinds(g, *args) == ["moe_ffn", "all_reduce"]
+
+
+def test_norms_and_swiglu_keep_rows_and_ffn_width_split():
+    from mtia_jax.primitives import rms_norm, swiglu
+
+    def mlp(x, norm, w_gate, w_up, w_down):
+        return swiglu(rms_norm(x, norm), w_gate, w_up) @ w_down
+
+    args = (_normal(8, (8, 16)), _normal(9, (16,)), _normal(10, (16, 32)) * 0.2,
+            _normal(11, (16, 32)) * 0.2, _normal(12, (32, 16)) * 0.2)
+    g = mtia_jax.jit(mlp, in_shardings=(ns("data"), None, ns(None, "model"), ns(None, "model"),
+                                        ns("model", None)))
+    np.testing.assert_allclose(g(*args), jax.jit(mlp)(*args), rtol=1e-5, atol=1e-5)
+    assert _kinds(g, *args) == ["rms_norm", "swiglu", "dot_general", "all_reduce"]
+
+
+def test_split_along_one_dim_keeps_the_others_split():
+    f = lambda x: jnp.split(x, 2, axis=1)[0] * 2.0
+    x = _normal(13, (8, 16))
+    g = mtia_jax.jit(f, in_shardings=ns("data"))
+    np.testing.assert_array_equal(g(x), jax.jit(f)(x))
+    assert "all_gather" not in _kinds(g, x)

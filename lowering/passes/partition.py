@@ -445,6 +445,27 @@ def _moe_ffn_rule(p: Partitioner, op: Op) -> None:
     p.same_op(op, operands, [(t, None)], frozenset({f}) if f else frozenset())
 
 
+def _norm_rule(p: Partitioner, op: Op) -> None:
+    """``rms_norm`` / ``layer_norm`` normalise the last dim: it is gathered,
+    the other dims keep their split; weights and biases are replicated."""
+    x = op.operands[0]
+    spec = p.spec[x][:-1] + (None,)
+    operands = [p.to_spec(x, spec)] + [p.replicated(v) for v in op.operands[1:]]
+    p.same_op(op, operands, [spec])
+
+
+def _swiglu_rule(p: Partitioner, op: Op) -> None:
+    """``swiglu``: column parallel, the FFN width of both weights split alike
+    (no communication); x's rows keep their split."""
+    x, w_gate, w_up = op.operands
+    f = p.spec[w_gate][1] or p.spec[w_up][1]
+    spec = p.spec[x][:-1] + (None,)
+    if f in spec:
+        f = None
+    operands = [p.to_spec(x, spec), p.to_spec(w_gate, (None, f)), p.to_spec(w_up, (None, f))]
+    p.same_op(op, operands, [spec[:-1] + (f,)])
+
+
 def _sharding_constraint_rule(p: Partitioner, op: Op) -> None:
     (x,), (result,) = op.operands, op.results
     target = normalize_spec(op.attrs["spec"], len(x.type.shape))
@@ -576,6 +597,10 @@ RULES_BY_KIND: dict[str, Callable[[Partitioner, Op], None]] = {
                     if n != k}),
     "gather": _gather_rule,
     "flash_attention": _flash_attention_rule,
+    "rms_norm": _norm_rule,
+    "layer_norm": _norm_rule,
+    "swiglu": _swiglu_rule,
+    "split": _along_dims_rule(lambda op: {op.params["axis"]}),
     "moe_ffn": _moe_ffn_rule,
     **{k: _along_dims_rule(lambda op: {op.params["axis"]}) for k in
        ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp")},
