@@ -199,5 +199,16 @@ def _format_value(val: Any) -> str:
     return str(val)
 
 
-def values_used(ops: Iterable[Op]) -> set[Value]:
-    return {v for op in ops for v in op.operands}
+def verify(module: Module) -> None:
+    """Raise ``ValueError`` unless every op (in regions too) reads only values
+    defined before it, and every output is defined: what every pass must keep."""
+    defined = set(module.params)
+    for op in module.ops:
+        missing = [v for v in op.operands if v not in defined]
+        if missing:
+            raise ValueError(f"'{op.kind}' at {op.source} reads {missing} before it is defined")
+        defined.update(op.results)
+        for region in op.regions.values():
+            verify(region)
+    if any(v not in defined for v in module.outputs):
+        raise ValueError(f"module @{module.name} returns a value it never defines")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import mtia_jax
+from lowering.ir import verify
 from lowering import from_jaxpr, pipeline
 from lowering.passes import attention, canonicalize
 from mtia_jax.primitives.flash_attention import flash_attention
@@ -51,13 +52,7 @@ def _assert_bitwise(fn, *args, mode="graph"):
 
 
 def _check_order(module):
-    defined = set(module.params)
-    for op in module.ops:
-        assert all(v in defined for v in op.operands), f"{op.kind} reads a value before it is defined"
-        defined.update(op.results)
-        for region in op.regions.values():
-            _check_order(region)
-    assert all(v in defined for v in module.outputs)
+    verify(module)
 
 
 def _qkv(b=2, t=16, n=4, kv=None, h=16, s=None, dtype=jnp.float32):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import mtia_jax
+from lowering.ir import verify
 from lowering import from_jaxpr
 from lowering.passes import canonicalize, fusion
 from runtime.cost_model import program_cost
@@ -30,13 +31,7 @@ def _kernels(module):
 
 
 def _check_order(module):
-    defined = set(module.params)
-    for op in module.ops:
-        assert all(v in defined for v in op.operands), f"{op.kind} uses a value before it is defined"
-        defined.update(op.results)
-        for region in op.regions.values():
-            _check_order(region)
-    assert all(v in defined for v in module.outputs)
+    verify(module)
 
 
 def test_elementwise_chain_becomes_one_kernel():

@@ -22,11 +22,21 @@ import functools
 from typing import Callable
 
 import jax
+import numpy as np
 from jax._src import dispatch
 from jax.extend.core import Primitive
 from jax.interpreters import ad, mlir
 from jax._src.interpreters import batching
 from jax._src import core as _core
+
+
+def check_float(fn: str, name: str, value) -> None:
+    """Raise a TypeError naming ``fn``'s argument ``name`` unless it is a float array."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+        got = "a non-array" if dtype is None else f"dtype {np.dtype(dtype).name}"
+        raise TypeError(f"{fn}: {name} must be a floating-point array, got {got} "
+                        f"({type(value).__name__})")
 
 
 def _abstract_eval_from(reference: Callable, multiple_results: bool):

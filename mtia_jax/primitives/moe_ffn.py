@@ -57,7 +57,7 @@ import numpy as np
 from jax import lax
 from jax._src import core as _core
 
-from mtia_jax.primitives._base import _batching_from, define_primitive
+from mtia_jax.primitives._base import check_float, _batching_from, define_primitive
 
 __all__ = ["moe_ffn", "moe_ffn_p", "route"]
 
@@ -170,14 +170,6 @@ moe_ffn_p = define_primitive("moe_ffn", _reference, abstract_eval=_abstract_eval
 
 # ------------------------------------------------------------ public API
 
-def _check_float(name: str, value) -> None:
-    dtype = getattr(value, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        got = "a non-array" if dtype is None else f"dtype {np.dtype(dtype).name}"
-        raise TypeError(f"moe_ffn: {name} must be a floating-point array, got {got} "
-                        f"({type(value).__name__})")
-
-
 def _check_shape(name: str, value, expected: tuple, meaning: str) -> None:
     if tuple(value.shape) != expected:
         raise ValueError(f"moe_ffn: {name} must have shape {meaning} = {expected}, got shape "
@@ -213,7 +205,7 @@ def moe_ffn(x, router_logits, w_gate, w_up, w_down, *, top_k: int = 2):
     """
     for name, value in (("x", x), ("router_logits", router_logits), ("w_gate", w_gate),
                         ("w_up", w_up), ("w_down", w_down)):
-        _check_float(name, value)
+        check_float("moe_ffn", name, value)
     if x.ndim != 2:
         raise ValueError(f"moe_ffn: x must have shape (T, D), got shape {tuple(x.shape)}; "
                          f"flatten the batch and sequence axes into T (or jax.vmap)")

@@ -33,7 +33,7 @@ from jax import lax
 from jax._src import core as _core
 from jax._src.interpreters import batching
 
-from mtia_jax.primitives._base import _batching_from, define_primitive
+from mtia_jax.primitives._base import check_float, _batching_from, define_primitive
 
 __all__ = ["rms_norm", "layer_norm", "rms_norm_p", "layer_norm_p"]
 
@@ -89,14 +89,6 @@ batching.primitive_batchers[layer_norm_p] = _batching_rule_for(layer_norm_p, _la
 
 # ------------------------------------------------------------ public API
 
-def _check_float(fn: str, name: str, value) -> None:
-    dtype = getattr(value, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        got = "a non-array" if dtype is None else f"dtype {np.dtype(dtype).name}"
-        raise TypeError(f"{fn}: {name} must be a floating-point array, got {got} "
-                        f"({type(value).__name__})")
-
-
 def _check_eps(fn: str, eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
         raise TypeError(f"{fn}: eps must be a Python float, got {type(eps).__name__} {eps!r}")
@@ -107,7 +99,7 @@ def _check_eps(fn: str, eps) -> float:
 
 
 def _check_x(fn: str, x) -> int:
-    _check_float(fn, "x", x)
+    check_float(fn, "x", x)
     if x.ndim < 1:
         raise ValueError(f"{fn}: x must have at least one axis (..., D), got a scalar of shape "
                          f"{tuple(x.shape)}")
@@ -115,7 +107,7 @@ def _check_x(fn: str, x) -> int:
 
 
 def _check_feature_param(fn: str, name: str, value, d: int, x_shape) -> None:
-    _check_float(fn, name, value)
+    check_float(fn, name, value)
     if tuple(value.shape) != (d,):
         raise ValueError(f"{fn}: {name} must have shape (D,) = ({d},) to match the last axis "
                          f"of x {tuple(x_shape)}, got shape {tuple(value.shape)}")

@@ -26,7 +26,7 @@ from jax import lax
 from jax._src import core as _core
 from jax._src.interpreters import batching
 
-from mtia_jax.primitives._base import _batching_from, define_primitive
+from mtia_jax.primitives._base import check_float, _batching_from, define_primitive
 
 __all__ = ["swiglu", "swiglu_p"]
 
@@ -70,14 +70,6 @@ swiglu_p = define_primitive("swiglu", _reference, abstract_eval=_abstract_eval,
                             batching_rule=_batching_rule)
 
 
-def _check_float(name: str, value) -> None:
-    dtype = getattr(value, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        got = "a non-array" if dtype is None else f"dtype {np.dtype(dtype).name}"
-        raise TypeError(f"swiglu: {name} must be a floating-point array, got {got} "
-                        f"({type(value).__name__})")
-
-
 def swiglu(x, w_gate, w_up):
     """``silu(x @ w_gate) * (x @ w_up)`` as one kernel.
 
@@ -90,7 +82,7 @@ def swiglu(x, w_gate, w_up):
     the products accumulate in float32.
     """
     for name, value in (("x", x), ("w_gate", w_gate), ("w_up", w_up)):
-        _check_float(name, value)
+        check_float("swiglu", name, value)
     if x.ndim < 1:
         raise ValueError(f"swiglu: x must have at least one axis (..., D), got shape "
                          f"{tuple(x.shape)}")
