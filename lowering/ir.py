@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from jax import dtypes as jax_dtypes
