@@ -413,6 +413,35 @@ def _strip(graph: _Graph, value: Value) -> Value:
     return value
 
 
+# Mask arithmetic evaluated with NumPy (exact for the integer and boolean ops
+# masks are built from); anything else binds its primitive, which compiles it.
+_NUMPY_OPS = {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "max": np.maximum, "min": np.minimum,
+    "neg": np.negative, "abs": np.abs, "eq": np.equal, "ne": np.not_equal, "lt": np.less,
+    "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal, "and": np.logical_and,
+    "or": np.logical_or, "not": np.logical_not,
+}
+
+
+def _apply(op: Op, args: list) -> np.ndarray:
+    """``op`` on constant operands."""
+    exact = all(np.asarray(a).dtype.kind in "biu" for a in args)
+    result_dtype = op.results[0].type.dtype
+    if op.kind in _NUMPY_OPS and exact:
+        if op.kind in ("and", "or", "not") and np.dtype(result_dtype).kind != "b":
+            pass  # bitwise on integers: let XLA do it
+        else:
+            return np.asarray(_NUMPY_OPS[op.kind](*args)).astype(result_dtype)
+    if op.kind == "select_n":
+        which, *cases = args
+        return np.asarray(np.choose(np.asarray(which).astype(np.int32), cases)).astype(result_dtype)
+    if op.kind == "convert_element_type" and exact:
+        return np.asarray(args[0]).astype(op.params["new_dtype"])
+    with jax.ensure_compile_time_eval():
+        out = op.primitive.bind(*args, **op.params)
+    return np.asarray(out[0] if op.primitive.multiple_results else out)
+
+
 def _evaluate(graph: _Graph, value: Value, memo: dict) -> np.ndarray:
     """A value computed from constants alone, evaluated whole."""
     if value in memo:
@@ -422,9 +451,11 @@ def _evaluate(graph: _Graph, value: Value, memo: dict) -> np.ndarray:
         out = np.asarray(op.attrs["value"])
     else:
         args = [_evaluate(graph, x, memo) for x in op.operands]
-        with jax.ensure_compile_time_eval():
-            out = op.primitive.bind(*args, **op.params)
-        out = np.asarray(out[op.results.index(value)] if op.primitive.multiple_results else out)
+        if op.primitive.multiple_results:
+            with jax.ensure_compile_time_eval():
+                out = np.asarray(op.primitive.bind(*args, **op.params)[op.results.index(value)])
+        else:
+            out = _apply(op, args)
     memo[value] = out
     return out
 
@@ -476,8 +507,7 @@ def _slab(graph: _Graph, value: Value, axis: int, start: int, stop: int,
         args = [_slab(graph, x, axis, start, stop, memo) for x in op.operands]
         if any(a is None for a in args):
             return None
-        with jax.ensure_compile_time_eval():
-            out = np.asarray(op.primitive.bind(*args, **op.params))
+        out = _apply(op, args)
     else:
         out = None
     memo[key] = out
