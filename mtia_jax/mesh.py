@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh
 
 from mtia_jax import chips as chip_catalogue
 
@@ -42,28 +42,4 @@ def make_mesh(axis_shapes: Sequence[int], axis_names: Sequence[str], *, chip=Non
     return AbstractMesh(axis_shapes, axis_names)
 
 
-def mesh_axes(mesh) -> dict[str, int]:
-    """``{axis name: size}`` of a ``Mesh`` or ``AbstractMesh``."""
-    return dict(zip(mesh.axis_names, mesh.axis_sizes))
-
-
-def spec_of(sharding, mesh=None) -> PartitionSpec:
-    """The ``PartitionSpec`` of a ``NamedSharding``, ``PartitionSpec`` or ``None`` (replicated)."""
-    if sharding is None:
-        return PartitionSpec()
-    if isinstance(sharding, NamedSharding):
-        return sharding.spec
-    if isinstance(sharding, PartitionSpec):
-        return sharding
-    raise TypeError(f"expected a NamedSharding or PartitionSpec, got {type(sharding).__name__}")
-
-
-def mesh_of(*shardings):
-    """The mesh named by the first ``NamedSharding`` among ``shardings``, if any."""
-    for s in shardings:
-        if isinstance(s, NamedSharding):
-            return s.mesh
-    return None
-
-
-__all__ = ["make_mesh", "mesh_axes", "spec_of", "mesh_of", "Mesh", "AbstractMesh"]
+__all__ = ["make_mesh"]

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lowering.ir import Module, Op, Value
+from runtime import spmd
 
 Counts = dict[str, Any]  # while-op path -> int32 total trips
 EmitRule = Callable[[Op, list[Any]], list[Any]]
@@ -198,7 +199,6 @@ class GraphExecutor:
     def __init__(self, module: Module, donate_argnums: Sequence[int] = (), numerics: str = "vmap"):
         fn = host_function(module)
         if module.layout is not None:
-            from runtime import spmd
             fn = spmd.NUMERICS[numerics](module, fn)
         self._fn = jax.jit(fn, donate_argnums=tuple(donate_argnums))
 

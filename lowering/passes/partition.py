@@ -519,11 +519,6 @@ def _partition_function(mesh: dict[str, int], module: Module, in_specs: list[Spe
     return Module(module.name, params, inner.ops, outs), final
 
 
-def _partition_region(p: Partitioner, region: Module, specs: list[Spec],
-                      out_specs: list[Spec | None] | None) -> tuple[Module, list[Spec]]:
-    return _partition_function(p.mesh, region, specs, out_specs)
-
-
 def _region_rule(p: Partitioner, op: Op) -> None:
     for v in op.operands:
         p.resolve(v)
@@ -538,23 +533,23 @@ def _region_rule(p: Partitioner, op: Op) -> None:
         carry = specs[n_consts:n_consts + n_carry]
         body_specs = specs[:n_consts + n_carry] + [s[1:] for s in specs[n_consts + n_carry:]]
         n_ys = len(op.results) - n_carry
-        body, outs = _partition_region(p, op.regions["body"], body_specs, list(carry) + [None] * n_ys)
+        body, outs = _partition_function(p.mesh, op.regions["body"], body_specs, list(carry) + [None] * n_ys)
         regions["body"] = body
         result_specs = list(carry) + [(None,) + s for s in outs[n_carry:]]
     elif op.kind == "while":
         n_cond, n_body = op.params["cond_nconsts"], op.params["body_nconsts"]
         carry = specs[n_cond + n_body:]
-        cond, _ = _partition_region(p, op.regions["cond"], specs[:n_cond] + carry, [()])
-        body, _ = _partition_region(p, op.regions["body"], specs[n_cond:n_cond + n_body] + carry, carry)
+        cond, _ = _partition_function(p.mesh, op.regions["cond"], specs[:n_cond] + carry, [()])
+        body, _ = _partition_function(p.mesh, op.regions["body"], specs[n_cond:n_cond + n_body] + carry, carry)
         regions = {"cond": cond, "body": body}
         result_specs = carry
     elif op.kind == "cond":
         p.to_spec(op.operands[0], ())
         names = sorted(op.regions, key=lambda n: int(n.removeprefix("branch")))
-        first, result_specs = _partition_region(p, op.regions[names[0]], specs[1:], None)
+        first, result_specs = _partition_function(p.mesh, op.regions[names[0]], specs[1:], None)
         regions[names[0]] = first
         for n in names[1:]:
-            regions[n], _ = _partition_region(p, op.regions[n], specs[1:], result_specs)
+            regions[n], _ = _partition_function(p.mesh, op.regions[n], specs[1:], result_specs)
     else:  # an op computed by its body (a recognised pattern): run it whole
         operands = [p.replicated(v) for v in op.operands]
         p.same_op(op, operands, [(None,) * len(r.type.shape) for r in op.results])
