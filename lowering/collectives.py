@@ -21,6 +21,7 @@ from __future__ import annotations
 from jax.extend import core as jcore
 
 from lowering.ir import Op, Value
+from mtia_jax.errors import UnsupportedOperationError
 
 COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "permute")
 
@@ -32,7 +33,6 @@ def _names(axis) -> tuple[str, ...]:
 def _single_axis(eqn: jcore.JaxprEqn, axis) -> str:
     names = _names(axis)
     if len(names) != 1:
-        from mtia_jax.errors import UnsupportedOperationError
         raise UnsupportedOperationError(f"{eqn.primitive.name} over several mesh axes {names}")
     return names[0]
 
@@ -40,8 +40,7 @@ def _single_axis(eqn: jcore.JaxprEqn, axis) -> str:
 def _collective(kind: str, attrs_of):
     def rule(builder, eqn: jcore.JaxprEqn, operands: list[Value]) -> list[Value]:
         if eqn.params.get("axis_index_groups") is not None:
-            from mtia_jax.errors import UnsupportedOperationError
-            raise UnsupportedOperationError(f"{eqn.primitive.name} with axis_index_groups",
+                raise UnsupportedOperationError(f"{eqn.primitive.name} with axis_index_groups",
                                             builder.current_source)
         results = [builder.new_value(v.aval) for v in eqn.outvars]
         builder.emit(Op(kind, operands, results, attrs_of(eqn), builder.current_source))

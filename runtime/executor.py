@@ -21,7 +21,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from lowering.ir import Module, Op, Value
+from mtia_jax import config
 from runtime import spmd
+from runtime.cost_model import is_kernel
 
 Counts = dict[str, Any]  # while-op path -> int32 total trips
 EmitRule = Callable[[Op, list[Any]], list[Any]]
@@ -219,9 +221,7 @@ class EagerExecutor:
     """
 
     def __init__(self, module: Module, donate_argnums: Sequence[int] = ()):
-        from runtime.cost_model import is_kernel
         self._module = module
-        self._is_kernel = is_kernel
 
     def __call__(self, *flat_args) -> tuple[list[Any], Counts]:
         outs, counts = self._run(self._module, flat_args, "", self.enabled_checks())
@@ -243,7 +243,7 @@ class EagerExecutor:
                     self._check(op, here, args, outs, checks)
             else:
                 outs, inner = emit_op(op, args), {}
-                if checks and self._is_kernel(op):
+                if checks and is_kernel(op):
                     self._check(op, here, args, outs, checks)
             counts.update(inner)
             env.update(zip(op.results, outs, strict=True))
@@ -254,7 +254,6 @@ class EagerExecutor:
     @staticmethod
     def enabled_checks() -> tuple[str, ...]:
         """The non-finite values the config asks to trap: "NaN", "Inf"."""
-        from mtia_jax import config
         return (("NaN",) if config._values["debug_nans"] else ()) + (
             ("Inf",) if config._values["debug_infs"] else ())
 
