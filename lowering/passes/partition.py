@@ -611,6 +611,13 @@ def _constant_rule(p: Partitioner, op: Op) -> None:
 
 RULES_BY_CATEGORY["constant"] = _constant_rule
 
+# Rules for the accelerated ops that need more than a placement (index
+# arithmetic, dispatch collectives) live in their own modules.
+from lowering.passes import partition_embedding, partition_moe  # noqa: E402
+
+RULES_BY_KIND.update(partition_embedding.RULES)
+RULES_BY_KIND.update(partition_moe.RULES)
+
 
 def partition(module: Module, mesh: dict[str, int], in_specs: list[Spec],
               out_specs: list[Spec | None] | None = None) -> Module:
