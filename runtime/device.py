@@ -11,7 +11,9 @@ the chip would have been busy::
         step(batch)
     print(dev.stats.busy_s, dev.stats.calls)
 
-There is one device per chip name (id 0), created on first use.
+There is one device per chip spec (id 0), created on first use: a what-if
+variant made with ``ChipSpec.replace`` gets a device of its own, so its
+stats never mix with the catalogue chip's.
 
 Recording a call must cost next to nothing (a compiled call must stay about
 as cheap as ``jax.jit``'s), so a call only appends its precomputed totals to
@@ -163,17 +165,17 @@ class Device:
         return f"MtiaDevice(id={self.id}, chip={self.chip.name!r})"
 
 
-_DEVICES: dict[str, Device] = {}
+_DEVICES: dict[ChipSpec, Device] = {}
 _DEVICES_LOCK = threading.Lock()
 
 
 def device_for(chip: ChipSpec | str) -> Device:
-    """The device of ``chip`` (one per chip name, created on first use)."""
+    """The device of ``chip`` (one per chip spec, created on first use)."""
     spec = chip_catalogue.get(chip)
-    device = _DEVICES.get(spec.name)
+    device = _DEVICES.get(spec)
     if device is None:
         with _DEVICES_LOCK:
-            device = _DEVICES.setdefault(spec.name, Device(spec))
+            device = _DEVICES.setdefault(spec, Device(spec))
     return device
 
 
