@@ -94,41 +94,56 @@ def rms_norm(x, w, eps=1e-5):
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype) * w
 
 
-def llama_decode_step(params, cache_k, cache_v, tokens, position, *, heads, kv_heads):
-    """One decode step of a Llama-style model, layers under ``lax.scan``.
+def llama_step(params, cache_k, cache_v, tokens, position, *, heads, kv_heads):
+    """T new tokens per sequence through a Llama-style model, layers under ``lax.scan``.
 
-    tokens (B,) int32; caches (L, B, S, KV, Dh); position: int32 scalar.
-    Returns logits (B, vocab) and the updated caches."""
-    x = params["embed"][tokens][:, None, :]                    # (B, 1, D)
-    b, _, d = x.shape
+    tokens (B, T) int32 are written to the caches (L, B, S, KV, Dh) at
+    positions ``position`` .. ``position`` + T - 1, each attending to the cache
+    positions up to its own (a prompt of T tokens from position 0 is causal
+    prefill; T = 1 is a decode step). Keys and values are stored in the
+    caches' dtype and attention runs in it, so an FP8 cache is read as FP8.
+    Returns the logits of the last new token (B, vocab) and the updated caches."""
+    x = params["embed"][tokens]                                # (B, T, D)
+    b, t, d = x.shape
     dh = d // heads
     group = heads // kv_heads
+    kv_dtype = cache_k.dtype
 
     def layer(x, weights):
         w, ck, cv = weights
         h = rms_norm(x, w["ln1"])
-        q = (h @ w["wq"]).reshape(b, 1, kv_heads, group, dh)
-        k = (h @ w["wk"]).reshape(b, 1, kv_heads, dh)
-        v = (h @ w["wv"]).reshape(b, 1, kv_heads, dh)
+        q = (h @ w["wq"]).reshape(b, t, kv_heads, group, dh).astype(kv_dtype)
+        k = (h @ w["wk"]).reshape(b, t, kv_heads, dh).astype(kv_dtype)
+        v = (h @ w["wv"]).reshape(b, t, kv_heads, dh).astype(kv_dtype)
         ck = jax.lax.dynamic_update_slice_in_dim(ck, k, position, axis=1)
         cv = jax.lax.dynamic_update_slice_in_dim(cv, v, position, axis=1)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, ck) / np.sqrt(dh).astype(x.dtype)
-        live = jnp.arange(ck.shape[1]) <= position
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, ck) / np.sqrt(dh).astype(kv_dtype)
+        live = jnp.arange(ck.shape[1])[None, :] <= position + jnp.arange(t)[:, None]  # (T, S)
         scores = jnp.where(live, scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
-        attn = jnp.einsum("bkgqs,bskd->bqkgd", probs, cv).reshape(b, 1, d)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(kv_dtype)
+        attn = jnp.einsum("bkgqs,bskd->bqkgd", probs, cv).astype(x.dtype).reshape(b, t, d)
         x = x + attn @ w["wo"]
         h = rms_norm(x, w["ln2"])
         x = x + (jax.nn.silu(h @ w["w1"]) * (h @ w["w3"])) @ w["w2"]
         return x, (ck, cv)
 
     x, (cache_k, cache_v) = jax.lax.scan(layer, x, (params["layers"], cache_k, cache_v))
-    logits = rms_norm(x, params["ln_f"])[:, 0, :] @ params["unembed"]
+    logits = rms_norm(x[:, -1:], params["ln_f"])[:, 0, :] @ params["unembed"]
     return logits, cache_k, cache_v
 
 
-def llama_shapes(config: dict, batch: int, cache_len: int, dtype=jnp.bfloat16):
-    """ShapeDtypeStructs of (params, cache_k, cache_v, tokens, position)."""
+def llama_decode_step(params, cache_k, cache_v, tokens, position, *, heads, kv_heads):
+    """One decode step of a Llama-style model (``llama_step`` with T = 1).
+
+    tokens (B,) int32; caches (L, B, S, KV, Dh); position: int32 scalar.
+    Returns logits (B, vocab) and the updated caches."""
+    return llama_step(params, cache_k, cache_v, tokens[:, None], position,
+                      heads=heads, kv_heads=kv_heads)
+
+
+def llama_shapes(config: dict, batch: int, cache_len: int, dtype=jnp.bfloat16, kv_dtype=None):
+    """ShapeDtypeStructs of (params, cache_k, cache_v, tokens, position); the
+    caches in ``kv_dtype`` (default: ``dtype``)."""
     c = config
     d, f, L = c["d_model"], c["ffn"], c["layers"]
     dh = d // c["heads"]
@@ -137,7 +152,7 @@ def llama_shapes(config: dict, batch: int, cache_len: int, dtype=jnp.bfloat16):
     layers = {"ln1": s(L, d), "ln2": s(L, d), "wq": s(L, d, d), "wk": s(L, d, kv), "wv": s(L, d, kv),
               "wo": s(L, d, d), "w1": s(L, d, f), "w3": s(L, d, f), "w2": s(L, f, d)}
     params = {"embed": s(c["vocab"], d), "layers": layers, "ln_f": s(d), "unembed": s(d, c["vocab"])}
-    cache = s(L, batch, cache_len, c["kv_heads"], dh)
+    cache = jax.ShapeDtypeStruct((L, batch, cache_len, c["kv_heads"], dh), kv_dtype or dtype)
     return (params, cache, cache, jax.ShapeDtypeStruct((batch,), jnp.int32),
             jax.ShapeDtypeStruct((), jnp.int32))
 

@@ -4,8 +4,10 @@
     python examples/serve_llama.py --preset tiny --mesh 1x8 --requests 8 --max-new-tokens 8
 
 Random prompts of varied lengths (from a seeded generator) go through
-``models.serving.ServingEngine``; the summary prints host and modeled
-tokens/s, time to first token, inter-token latency p50/p99 and HBM use.
+``models.serving.ServingEngine``; a progress bar (on stderr) counts finished
+requests, with the decode steps run and the modeled tokens/s so far, and the
+summary prints host and modeled tokens/s, time to first token, inter-token
+latency p50/p99 and HBM use.
 ``--dtype`` bf16 runs the model's own dtype with no precision policy;
 mx8/mx6/mx4 store the matmul weights in that MX format with mx8 activations.
 """
@@ -14,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 import mtia_jax
 from models import transformer as tf
@@ -36,6 +38,18 @@ def parse_mesh(text: str | None):
     except ValueError:
         raise SystemExit(f"--mesh must look like DxM (e.g. 1x8), got {text!r}") from None
     return d, m
+
+
+def run(engine: ServingEngine, requests: int) -> None:
+    """Step ``engine`` until every request is done, under a tqdm bar of finished
+    requests whose postfix shows the decode steps and modeled tokens/s so far."""
+    with tqdm(total=requests, unit="req", desc="requests", file=sys.stderr) as bar:
+        while not engine.done:
+            finished = engine.step()
+            stats = engine.stats()
+            bar.set_postfix_str(f"{stats.decode_steps} decode steps, modeled "
+                                f"{stats.modeled_tokens_per_s:,.0f} tokens/s")
+            bar.update(len(finished))
 
 
 def main(argv=None) -> int:
@@ -81,16 +95,7 @@ def main(argv=None) -> int:
     print(f"serving {args.requests} requests: {args.preset} on {args.chip}"
           f"{' mesh ' + args.mesh if mesh else ''}, dtype {args.dtype}, {args.slots} slots, "
           f"max_len {max_len}", flush=True)
-    done, start = [0], time.perf_counter()
-    every = max(1, args.requests // 8)
-
-    def progress(result):
-        done[0] += 1
-        if done[0] % every == 0 or done[0] == args.requests:
-            print(f"  [{done[0]:>{len(str(args.requests))}}/{args.requests}] requests done "
-                  f"({time.perf_counter() - start:.1f} s)", flush=True)
-
-    engine.run(on_finish=progress)
+    run(engine, args.requests)
     print(engine.stats().table())
     return 0
 

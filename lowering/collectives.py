@@ -2,8 +2,11 @@
 
 Per-device programs (a ``shard_map`` body, or what the partition pass makes
 of a sharded program) talk to the other devices of the mesh through these
-ops. Each names the mesh axis it runs over; ``attrs["group"]`` is the number
-of devices taking part (the axis size).
+ops. Each names the mesh axis it runs over (or, as ``axes``, several: a
+dimension split over their product, the first axis major);
+``attrs["group"]`` is the number of devices taking part (the axis size, or
+the product). An ``all_to_all`` may carry ``payload_bytes``, the bytes the
+chip sends when that is less than its buffer (``runtime.collectives``).
 
 | kind           | attrs                         | JAX primitive            |
 |----------------|-------------------------------|--------------------------|

@@ -80,6 +80,8 @@ _GROUPS = {
     "accelerated": (
         "mx_matmul", "flash_attention", "rms_norm", "layer_norm", "swiglu", "moe_ffn",
         "embedding_bag",
+        # moe_ffn split over the experts (expert parallelism): its per-device kernels
+        "moe_dispatch", "moe_experts", "moe_combine",
     ),
     "host": ("host_fallback",),
 }

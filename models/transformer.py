@@ -502,7 +502,7 @@ _PARAM_AXES = {
 }
 _DENSE_AXES = {"w_gate": ("layers", "embed", "ffn"), "w_up": ("layers", "embed", "ffn"),
                "w_down": ("layers", "ffn", "embed")}
-_MOE_AXES = {"router": ("layers", "embed", "experts"),
+_MOE_AXES = {"router": ("layers", "embed", "router_experts"),
              "w_gate": ("layers", "experts", "embed", "expert_ffn"),
              "w_up": ("layers", "experts", "embed", "expert_ffn"),
              "w_down": ("layers", "experts", "expert_ffn", "embed")}
@@ -510,12 +510,15 @@ _CACHE_AXES = {"k": ("layers", "batch", "seq", "kv_heads", "head_dim"),
                "v": ("layers", "batch", "seq", "kv_heads", "head_dim"), "lengths": ("batch",)}
 
 # logical axis -> mesh axis: Megatron tensor parallelism over "model" (attention
-# heads, FFN width, output vocabulary), data parallelism over "data". Expert
-# parallelism is not supported by the partitioner yet, so each expert's FFN
-# width is split over "model" instead. The embedding table stays replicated
-# (a lookup in a replicated table keeps the tokens' batch split).
+# heads, FFN width, output vocabulary), data parallelism over "data", and
+# expert parallelism over "model" (each device holds E / model whole experts;
+# tokens reach them by all-to-all). Where "model" does not divide the experts,
+# each expert's FFN width is split over it instead ("expert_ffn"). The router's
+# expert columns ("router_experts") stay whole: every device routes its tokens
+# over all experts. The embedding table stays replicated (a lookup in a
+# replicated table keeps the tokens' batch split).
 SHARDING_RULES = {"batch": "data", "heads": "model", "kv_heads": "model", "ffn": "model",
-                  "expert_ffn": "model", "vocab": "model"}
+                  "experts": "model", "expert_ffn": "model", "vocab": "model"}
 
 
 def logical_axes(cfg: Config) -> tuple[dict, dict]:
@@ -530,7 +533,7 @@ def logical_axes(cfg: Config) -> tuple[dict, dict]:
 def _extent(cfg: Config, axis: str, batch: int) -> int | None:
     """How many units a logical axis splits into (heads, not head*dim elements)."""
     return {"batch": batch, "heads": cfg.heads, "kv_heads": cfg.kv_heads, "ffn": cfg.ffn,
-            "expert_ffn": cfg.ffn, "vocab": cfg.vocab}.get(axis)
+            "experts": cfg.experts, "expert_ffn": cfg.ffn, "vocab": cfg.vocab}.get(axis)
 
 
 def shardings(cfg: Config, mesh, batch: int, rules: dict | None = None) -> tuple[dict, dict, P]:

@@ -14,7 +14,7 @@ from jax._src.tree_util import broadcast_prefix
 from jax import tree_util
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lowering.passes.partition import normalize_spec
+from lowering.passes.partition import normalize_spec, spec_axes
 
 
 def _is_sharding_leaf(x) -> bool:
@@ -62,16 +62,26 @@ def flat_specs(shardings, tree, leaves_with_paths: Sequence, sizes: dict[str, in
             spec = normalize_spec(pspec, len(shape))
         except ValueError as e:
             raise ValueError(f"mtia_jax.jit: {name} of shape {shape}: {e}") from None
-        for dim, (size, axis) in enumerate(zip(shape, spec)):
-            if axis is None:
-                continue
-            if axis not in sizes:
-                raise ValueError(f"mtia_jax.jit: {name} is sharded over mesh axis {axis!r}, but the mesh "
-                                 f"has axes {sorted(sizes)}")
-            if size % sizes[axis]:
-                raise ValueError(
-                    f"mtia_jax.jit: {name}: dimension {dim} of size {size} is not divisible by mesh axis "
-                    f"{axis!r} of size {sizes[axis]}. Pad the dimension to a multiple of {sizes[axis]} "
-                    f"or shard it over another axis.")
+        for dim, (size, entry) in enumerate(zip(shape, spec)):
+            _check_split(name, dim, size, entry, sizes)
         specs.append(spec)
     return specs
+
+
+def _check_split(name: str, dim: int, size: int, entry, sizes: dict[str, int]) -> None:
+    """A ValueError unless every mesh axis of ``entry`` exists and their
+    product divides ``size``."""
+    axes = spec_axes(entry)
+    for axis in axes:
+        if axis not in sizes:
+            raise ValueError(f"mtia_jax.jit: {name} is sharded over mesh axis {axis!r}, but the mesh "
+                             f"has axes {sorted(sizes)}")
+    devices = 1
+    for axis in axes:
+        devices *= sizes[axis]
+    if size % devices:
+        what = (f"mesh axis {axes[0]!r} of size {devices}" if len(axes) == 1 else
+                f"mesh axes {axes} of sizes {' x '.join(str(sizes[a]) for a in axes)} = {devices}")
+        raise ValueError(
+            f"mtia_jax.jit: {name}: dimension {dim} of size {size} is not divisible by {what}. "
+            f"Pad the dimension to a multiple of {devices} or shard it over other axes.")

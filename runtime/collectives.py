@@ -2,7 +2,8 @@
 
 Per collective op (``lowering.collectives``) over a group of p devices, with
 the per-device buffer of N bytes, link bandwidth B (unidirectional, per
-device) and per-hop latency L from the chip catalogue:
+device, times ``ChipSpec.collective_efficiency``: the achievable fraction)
+and per-hop latency L from the chip catalogue:
 
 | kind           | ring (bandwidth-optimal)          | tree (latency-optimal)          |
 |----------------|-----------------------------------|---------------------------------|
@@ -18,6 +19,12 @@ algorithm is chosen per size. Reductions also add (p-1)/p N/itemsize
 elements; chips with near-memory reduction (``near_memory_reduce`` in
 ``ChipSpec.units``: MTIA's message engines reduce next to memory) do that
 for free, others pay it on the vector units.
+
+An ``all_to_all`` whose op carries ``payload_bytes`` (the expert-parallel
+dispatch and return of ``moe_ffn``) is costed with that N instead of its
+buffer's size: its executed buffer has a row for every (expert, token) pair,
+but the chip sends only the routed rows (modeling assumption, balanced
+routing; the op's ``payload`` attribute says so in the IR).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ def collective_time(op: Op, chip) -> tuple[float, str, float]:
     p = int(op.attrs.get("group", 1))
     if p <= 1:
         return 0.0, "local", 0.0
-    bw, lat = chip.scaleup_link_bandwidth, chip.scaleup_link_latency_s
+    bw, lat = chip.scaleup_link_bandwidth * chip.collective_efficiency, chip.scaleup_link_latency_s
     x, out = op.operands[0].type, op.results[0].type
     kind = op.kind
     if kind == "all_reduce":
@@ -50,7 +57,8 @@ def collective_time(op: Op, chip) -> tuple[float, str, float]:
     elif kind == "all_gather":
         algorithm, time, sent = "ring", _ring(p, out.nbytes, bw, lat), (p - 1) / p * out.nbytes
     elif kind in ("reduce_scatter", "all_to_all"):
-        algorithm, time, sent = "ring", _ring(p, x.nbytes, bw, lat), (p - 1) / p * x.nbytes
+        n = op.attrs.get("payload_bytes", x.nbytes)
+        algorithm, time, sent = "ring", _ring(p, n, bw, lat), (p - 1) / p * n
     elif kind == "permute":
         algorithm, time, sent = "direct", x.nbytes / bw + lat, float(x.nbytes)
     else:

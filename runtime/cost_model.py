@@ -3,8 +3,8 @@
 Cost model v0. Every op that is a kernel on the device gets
 
     time = max(compute, hbm) + launch
-    compute = FLOPs / peak FLOP/s of the engine that runs it, for its dtype
-    hbm     = bytes moved between HBM and the chip / HBM bandwidth
+    compute = FLOPs / achievable FLOP/s of the engine that runs it, for its dtype
+    hbm     = bytes moved between HBM and the chip / achievable HBM bandwidth
 
 and a list scheduler (``runtime.schedule``) places the kernels on the
 device's streams (compute, DMA, network, host), which overlap. A kernel inside a region op (a scan
@@ -15,6 +15,13 @@ program has run), and the costliest branch of a cond. The engine is the matrix e
 Product Engine) for contractions and the vector units for everything else.
 Every constant comes from the chip catalogue (``mtia_jax.chips``), which
 cites its source. The rules are a table keyed by op kind.
+
+The achievable rates are the chip's peaks times its efficiencies: on the
+matrix engine, peak x the tile's PE utilisation (``lowering.passes.tiling``)
+x ``ChipSpec.matmul_efficiency``; on HBM, bandwidth x
+``ChipSpec.hbm_efficiency`` (scattered rows also at
+``hbm_random_access_efficiency``); the vector units run at their peak. The
+roofline uses the peaks.
 
 Counting conventions follow XLA's ``HloCostAnalysis`` so that figures can be
 compared with ``jax.jit(f).lower(...).compile().cost_analysis()``:
@@ -87,6 +94,8 @@ class KernelCost:
     launch_s: float
     ideal_matrix_s: float   # matrix-engine time at full PE utilisation (roofline's share)
     ideal_vector_s: float   # vector/SFU time
+    matrix_s: float = 0.0   # matrix-engine busy time at the achievable rate
+    vector_s: float = 0.0   # vector/SFU busy time (compute_s is the larger of the two)
     start_s: float = 0.0
     stream: str = "compute"  # "compute", "dma", "network" or "host"
     collective_bytes: float = 0.0  # bytes each device sends over the scale-up network
@@ -113,7 +122,8 @@ class KernelCost:
             hbm_bytes=self.hbm_bytes * n, compute_s=self.compute_s * n, hbm_s=self.hbm_s * n,
             launch_s=self.launch_s * n, collective_bytes=self.collective_bytes * n,
             ideal_matrix_s=self.ideal_matrix_s * n,
-            ideal_vector_s=self.ideal_vector_s * n)
+            ideal_vector_s=self.ideal_vector_s * n, matrix_s=self.matrix_s * n,
+            vector_s=self.vector_s * n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +143,7 @@ class ProgramCost:
 
 def _engine_times(works, chip: ChipSpec, efficiency: float) -> dict[str, float]:
     """Seconds of compute per engine; ``efficiency`` is the fraction of the
-    matrix engine the kernel's tile keeps busy. The special-function unit is
+    matrix engine's peak the kernel achieves. The special-function unit is
     modeled at the vector rate, one op per element, unless the op runs in a
     dedicated unit the chip has."""
     per_engine = {"matrix": 0.0, "vector": 0.0}
@@ -167,13 +177,14 @@ def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
     off_chip = host or any(w.engine == "network" for w in works)
     # The matrix engine and the vector units work concurrently on the tiles of
     # one kernel, so compute time is the busier engine's time.
-    busy = {} if off_chip else _engine_times(works, chip, efficiency)
+    busy = {} if off_chip else _engine_times(works, chip, efficiency * chip.matmul_efficiency)
     ideal = {} if off_chip else _engine_times(works, chip, 1.0)
     common = dict(path=path, kind=kind, source=str(op.source) if op.source else "", count=1.0,
                   flops=float(sum(w.flops for w in works)),
                   transcendentals=float(sum(w.transcendentals for w in works)),
                   bytes_accessed=accessed, hbm_bytes=hbm, launch_s=chip.kernel_launch_s,
-                  ideal_matrix_s=ideal.get("matrix", 0.0), ideal_vector_s=ideal.get("vector", 0.0))
+                  ideal_matrix_s=ideal.get("matrix", 0.0), ideal_vector_s=ideal.get("vector", 0.0),
+                  matrix_s=busy.get("matrix", 0.0), vector_s=busy.get("vector", 0.0))
     if category(op) == "data_movement":
         common["stream"] = "dma"
     if any(w.engine == "network" for w in works):
@@ -188,7 +199,8 @@ def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
         return KernelCost(**{**common, "stream": "host"}, compute_s=0.0, hbm_s=transfer)
     # scattered rows move at a fraction of the streaming bandwidth
     scattered = sum(w.random_access_bytes for w in works)
-    hbm_time = (hbm + scattered * (1 / chip.hbm_random_access_efficiency - 1)) / chip.hbm_bandwidth
+    hbm_time = ((hbm + scattered * (1 / chip.hbm_random_access_efficiency - 1))
+                / (chip.hbm_bandwidth * chip.hbm_efficiency))
     return KernelCost(**common, compute_s=max(busy.values()), hbm_s=hbm_time)
 
 

@@ -44,19 +44,38 @@ def _emit_constant(op: Op, args: list[Any]) -> list[Any]:
 _REDUCERS = {"sum": lax.psum, "max": lax.pmax, "min": lax.pmin}
 
 
+def _axes(op: Op) -> tuple[str, ...]:
+    """The mesh axes a collective runs over (several: a dim split over their
+    product, the first axis major)."""
+    return op.attrs.get("axes") or (op.attrs["axis"],)
+
+
 def _emit_shard_slice(op: Op, args: list[Any]) -> list[Any]:
     (x,), dim = args, op.attrs["dim"]
     chunk = x.shape[dim] // op.attrs["group"]
-    return [lax.dynamic_slice_in_dim(x, lax.axis_index(op.attrs["axis"]) * chunk, chunk, dim)]
+    return [lax.dynamic_slice_in_dim(x, lax.axis_index(_axes(op)) * chunk, chunk, dim)]
+
+
+def _emit_all_gather(op: Op, args: list[Any]) -> list[Any]:
+    (x,) = args
+    for axis in reversed(_axes(op)):  # minor axis first: blocks come together major to minor
+        x = lax.all_gather(x, axis, axis=op.attrs["dim"], tiled=True)
+    return [x]
+
+
+def _emit_reduce_scatter(op: Op, args: list[Any]) -> list[Any]:
+    (x,) = args
+    for axis in _axes(op):  # major axis first
+        x = lax.psum_scatter(x, axis, scatter_dimension=op.attrs["dim"], tiled=True)
+    return [x]
 
 
 # op kind -> how to compute it on the host; kinds not listed are generic ops
 EMIT_RULES: dict[str, EmitRule] = {
     "constant": _emit_constant,
     "all_reduce": lambda op, a: [_REDUCERS[op.attrs["reduce"]](a[0], op.attrs["axes"])],
-    "all_gather": lambda op, a: [lax.all_gather(a[0], op.attrs["axis"], axis=op.attrs["dim"], tiled=True)],
-    "reduce_scatter": lambda op, a: [lax.psum_scatter(a[0], op.attrs["axis"],
-                                                      scatter_dimension=op.attrs["dim"], tiled=True)],
+    "all_gather": _emit_all_gather,
+    "reduce_scatter": _emit_reduce_scatter,
     "all_to_all": lambda op, a: [lax.all_to_all(a[0], op.attrs["axis"], op.attrs["split"],
                                                 op.attrs["concat"], tiled=True)],
     "permute": lambda op, a: [lax.ppermute(a[0], op.attrs["axis"], op.attrs["perm"])],

@@ -26,17 +26,23 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from lowering.ir import Module
+from lowering.passes.partition import spec_axes
+
+
+def _split_axes(spec) -> set[str]:
+    return {a for entry in spec for a in spec_axes(entry)}
 
 
 def _split(x, spec, axes: list[str], sizes: dict[str, int]):
-    """Global ``x`` -> (blocks along each splitting mesh axis, in mesh order, ..., local shape)."""
+    """Global ``x`` -> (blocks along each splitting mesh axis, in mesh order, ..., local shape).
+    A dim split over several axes is split major axis first."""
     new_shape, lead = [], {}
-    for n, a in zip(x.shape, spec):
-        if a is None:
-            new_shape.append(n)
-        else:
+    for n, entry in zip(x.shape, spec):
+        for a in spec_axes(entry):
             lead[a] = len(new_shape)
-            new_shape += [sizes[a], n // sizes[a]]
+            new_shape.append(sizes[a])
+            n //= sizes[a]
+        new_shape.append(n)
     order = [lead[a] for a in axes if a in lead]
     rest = [i for i in range(len(new_shape)) if i not in order]
     return jnp.reshape(x, new_shape).transpose(order + rest)
@@ -44,17 +50,20 @@ def _split(x, spec, axes: list[str], sizes: dict[str, int]):
 
 def _assemble(y, spec, axes: list[str], sizes: dict[str, int]):
     """Per-device outputs with one leading dim per mesh axis -> the global array."""
+    split = _split_axes(spec)
     for level in reversed(range(len(axes))):  # devices along a replicated axis agree: take one
-        if axes[level] not in spec:
+        if axes[level] not in split:
             y = jax.lax.index_in_dim(y, 0, level, keepdims=False)
-    splitting = [a for a in axes if a in spec]
+    splitting = [a for a in axes if a in split]
     k = len(splitting)
     perm, shape = [], []
-    for d, a in enumerate(spec):
-        if a is not None:
+    for d, entry in enumerate(spec):
+        n = y.shape[k + d]
+        for a in spec_axes(entry):
             perm.append(splitting.index(a))
+            n *= sizes[a]
         perm.append(k + d)
-        shape.append(y.shape[k + d] * (sizes[a] if a is not None else 1))
+        shape.append(n)
     return jnp.reshape(y.transpose(perm), shape)
 
 
@@ -64,7 +73,7 @@ def vmap_function(module: Module, per_device: Callable) -> Callable:
     axes, sizes = [a for a, _ in layout.mesh], dict(layout.mesh)
     fn = per_device
     for a in reversed(axes):
-        in_axes = [0 if a in spec else None for spec in layout.in_specs]
+        in_axes = [0 if a in _split_axes(spec) else None for spec in layout.in_specs]
         fn = jax.vmap(fn, in_axes=in_axes, out_axes=0, axis_name=a, axis_size=sizes[a])
 
     def run(*flat_args):

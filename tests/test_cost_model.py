@@ -30,8 +30,9 @@ def test_large_bf16_matmul_time_is_the_hand_computed_roofline(chip_name):
     # the chosen tile re-reads operands and may leave some PEs idle
     tile = compiled.module.ops[0].attrs["tile"]
     assert cost["hbm_bytes"] == nbytes + tile.extra_hbm_bytes
-    expected = max(flops / (chip.matmul_peak(jnp.bfloat16) * tile.efficiency),
-                   cost["hbm_bytes"] / chip.hbm_bandwidth) + chip.kernel_launch_s
+    # at the chip's achievable fractions of peak (h100: fitted, docs/validation.md)
+    expected = max(flops / (chip.matmul_peak(jnp.bfloat16) * tile.efficiency * chip.matmul_efficiency),
+                   cost["hbm_bytes"] / (chip.hbm_bandwidth * chip.hbm_efficiency)) + chip.kernel_launch_s
     assert cost["time_s"] == pytest.approx(expected, rel=1e-12)
     if chip_name.startswith("mtia"):  # power-of-two PE grids: the tile loses nothing
         assert cost["time_s"] == pytest.approx(roofline + chip.kernel_launch_s, rel=1e-12)

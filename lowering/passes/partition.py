@@ -1,9 +1,11 @@
 """SPMD partitioning: a program over global arrays becomes the program every
 device of the mesh runs, with the collectives it needs.
 
-Each global value gets a *placement*: a spec (the mesh axis its dimension is
-split over, or None, per dimension) and a set of mesh axes over which the
-per-device values are *partial sums* still to be added up. Placements start at
+Each global value gets a *placement*: a spec (per dimension, None or the mesh
+axis it is split over, or a tuple of several axes: split over their product,
+the first axis major, as ``PartitionSpec(("data", "model"))`` in JAX) and a
+set of mesh axes over which the per-device values are *partial sums* still
+to be added up. Placements start at
 the arguments' ``in_shardings`` and propagate forward, op by op, through a
 table of rules keyed by op kind or category:
 
@@ -13,10 +15,17 @@ table of rules keyed by op kind or category:
   dims give a partial sum (resolved later by an all-reduce, or by a
   reduce-scatter when the consumer wants the result split), free dims keep
   their operand's axis; one side is sliced locally to match the other where
-  that costs no communication;
+  that costs no communication; under a precision policy a contraction the
+  precision pass may quantize is split only into whole MX blocks per device
+  (else its contracting dims are gathered), so that the per-device program
+  quantizes the unsharded program's blocks;
 - reductions: a sum over a split dim is a partial sum; max/min all-reduce;
 - broadcasts, transposes, reshapes, squeezes map dims; slices, concatenation,
   padding, reversal, sorting and scans along a dim keep the other dims split;
+- embedding lookups (``gather``, ``embedding_bag``) from tables split
+  table-, row- or column-wise: ``partition_embedding``;
+- ``moe_ffn`` (expert parallelism: all-to-all dispatch and return) and
+  ``mx_matmul``: ``partition_moe``;
 - ``sharding_constraint`` reshards; a ``shard_map`` body is inlined (it is
   already per-device); ``scan``/``while``/``cond`` bodies are partitioned with
   their carries held at one placement;
@@ -39,9 +48,38 @@ from typing import Callable
 from lowering import collectives
 from lowering.ir import Module, Op, TensorType, Value
 from lowering.op_kinds import KIND_CATEGORY
+from lowering.passes.precision import may_quantize, split_keeps_mx_blocks
 from lowering.regions import REGION_KINDS
 
-Spec = tuple  # per dimension: a mesh axis name or None
+Spec = tuple  # per dimension: None, a mesh axis name, or a tuple of mesh axes (major first)
+
+
+def spec_axes(entry) -> tuple[str, ...]:
+    """The mesh axes a spec entry splits its dimension over, major first."""
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def spec_entry(axes: tuple[str, ...]):
+    """The spec entry of a dimension split over ``axes``: None, one axis, or a tuple."""
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def overlaps(entry, entries) -> bool:
+    """Whether ``entry`` splits over a mesh axis that one of ``entries`` uses."""
+    used = {a for e in entries for a in spec_axes(e)}
+    return any(a in used for a in spec_axes(entry))
+
+
+class MeshSizes(dict):
+    """Mesh axis -> size. A tuple of axes (one dimension split over several)
+    looks up the product of their sizes."""
+
+    def __missing__(self, key):
+        if isinstance(key, tuple):
+            return math.prod(self[a] for a in key)
+        raise KeyError(key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,18 +100,18 @@ class SpmdLayout:
 
 
 def normalize_spec(pspec, ndim: int) -> Spec:
-    """A ``PartitionSpec`` (or None) as one mesh axis or None per dimension."""
+    """A ``PartitionSpec`` (or None) as one entry per dimension: None, a mesh
+    axis, or a tuple of several mesh axes (the dimension split over their
+    product, the first axis major, as in JAX)."""
     entries = tuple(pspec) if pspec is not None else ()
     if len(entries) > ndim:
         raise ValueError(f"a PartitionSpec with {len(entries)} entries for an array of rank {ndim}")
     spec = []
     for entry in entries + (None,) * (ndim - len(entries)):
-        if isinstance(entry, (tuple, list)):
-            if len(entry) > 1:
-                raise NotImplementedError(
-                    f"splitting one dimension over several mesh axes {tuple(entry)} is not supported "
-                    f"yet; split it over one axis")
-            entry = entry[0] if entry else None
+        entry = spec_entry(tuple(entry)) if isinstance(entry, (tuple, list)) else entry
+        if overlaps(entry, spec):
+            raise ValueError(f"the PartitionSpec {pspec} uses a mesh axis of {entry!r} for two "
+                             f"dimensions; each mesh axis may split one dimension")
         spec.append(entry)
     return tuple(spec)
 
@@ -82,11 +120,27 @@ LINEAR_UNARY = frozenset({"neg", "convert_element_type", "copy", "reduce_precisi
 ADDITIVE = frozenset({"add", "sub", "add_any"})
 
 
-class Partitioner:
-    """Builds the per-device ops for one module (or region)."""
+def _axes_attrs(axes: tuple[str, ...]) -> dict:
+    """A collective's axis attribute: ``axis`` for one mesh axis, ``axes`` for several."""
+    return {"axis": axes[0]} if len(axes) == 1 else {"axes": tuple(axes)}
 
-    def __init__(self, mesh: dict[str, int]):
-        self.mesh = mesh
+
+def _common_prefix(cur: tuple, want: tuple) -> int:
+    n = 0
+    while n < min(len(cur), len(want)) and cur[n] == want[n]:
+        n += 1
+    return n
+
+
+class Partitioner:
+    """Builds the per-device ops for one module (or region). ``precision``
+    (a ``mtia_jax.PrecisionPolicy`` or None) is the policy the precision
+    pass will apply: contractions it may quantize are split only where every
+    device keeps whole MX blocks."""
+
+    def __init__(self, mesh: dict[str, int], precision=None):
+        self.mesh = MeshSizes(mesh)
+        self.precision = precision
         self.ops: list[Op] = []
         self.local: dict[Value, Value] = {}
         self.spec: dict[Value, Spec] = {}
@@ -100,7 +154,10 @@ class Partitioner:
         return TensorType(shape, t.dtype)
 
     def bind(self, v: Value, local: Value, spec: Spec, partial=frozenset()) -> None:
-        self.local[v], self.spec[v], self.partial[v] = local, tuple(spec), frozenset(partial)
+        """``v``'s per-device value and placement; ``partial`` may name
+        several-axis entries: it is kept as single mesh axes."""
+        self.local[v], self.spec[v] = local, tuple(spec)
+        self.partial[v] = frozenset(a for entry in partial for a in spec_axes(entry))
 
     def emit(self, kind: str, operands: list[Value], types: list[TensorType], attrs: dict,
              regions=None) -> list[Value]:
@@ -113,61 +170,85 @@ class Partitioner:
         attrs["group"] = math.prod(self.mesh[a] for a in axes)
         return self.emit(kind, [x], [TensorType(tuple(shape), x.type.dtype)], attrs)[0]
 
-    def fits(self, size: int, axis: str | None) -> bool:
+    def fits(self, size: int, axis) -> bool:
         return axis is None or size % self.mesh[axis] == 0
+
+    def _resized(self, lv: Value, dim: int, axes: tuple[str, ...], grow: bool) -> list[int]:
+        shape = list(lv.type.shape)
+        factor = self.mesh[tuple(axes)]
+        shape[dim] = shape[dim] * factor if grow else shape[dim] // factor
+        return shape
 
     # ------------------------------------------------------------ resharding
 
     def resolve(self, v: Value, want: Spec | None = None) -> None:
         """Add up ``v``'s partial sums: a reduce-scatter onto a dim ``want``
-        splits, an all-reduce over the rest."""
+        splits further (over the axes it adds, minor to the dim's current
+        ones), an all-reduce over the rest."""
         axes = set(self.partial.get(v, ()))
         if not axes:
             return
-        lv, spec = self.local[v], list(self.spec[v])
-        for d, a in enumerate(want or ()):
-            if a in axes and spec[d] is None and a not in spec and self.fits(lv.type.shape[d], a):
-                shape = list(lv.type.shape)
-                shape[d] //= self.mesh[a]
-                lv = self.collective("reduce_scatter", lv, shape, axis=a, dim=d)
-                spec[d] = a
-                axes.discard(a)
+        lv, spec = self.local[v], [spec_axes(a) for a in self.spec[v]]
+        for d, entry in enumerate(want or ()):
+            wanted, have = spec_axes(entry), spec[d]
+            if wanted[:len(have)] != have:
+                continue
+            run = []
+            for a in wanted[len(have):]:
+                if a not in axes or overlaps(a, spec):
+                    break
+                run.append(a)
+            if run and self.fits(lv.type.shape[d], tuple(run)):
+                shape = self._resized(lv, d, tuple(run), grow=False)
+                lv = self.collective("reduce_scatter", lv, shape, dim=d, **_axes_attrs(tuple(run)))
+                spec[d] = have + tuple(run)
+                axes.difference_update(run)
         if axes:
             ordered = tuple(a for a in self.mesh if a in axes)
             lv = self.collective("all_reduce", lv, lv.type.shape, axes=ordered, reduce="sum")
-        self.bind(v, lv, spec)
+        self.bind(v, lv, [spec_entry(s) for s in spec])
 
     def to_spec(self, v: Value, target: Spec, keep_partial: bool = False) -> Value:
-        """``v``'s per-device value laid out as ``target``."""
+        """``v``'s per-device value laid out as ``target``.
+
+        A dim split over several axes holds, on device (i, j, ...), block
+        ``(i * size_j + j) ...`` (the first axis major), so an axis can be
+        added or removed only at the minor end: the minor axes that must go
+        are moved to another dim that wants them next (one ``all_to_all``
+        each) or gathered (one ``all_gather`` over all of them), then the
+        missing ones are split off locally (one ``shard_slice``)."""
         if not keep_partial:
             self.resolve(v, target)
         target = tuple(a if self.fits(n, a) else None for n, a in zip(v.type.shape, target))
-        lv, cur = self.local[v], list(self.spec[v])
-        if tuple(cur) == target:
+        lv = self.local[v]
+        cur = [spec_axes(a) for a in self.spec[v]]
+        want = [spec_axes(a) for a in target]
+        if cur == want:
             return lv
-        # an axis moving from one dim to another: one all-to-all
-        for src, a in enumerate(cur):
-            if a is None or target[src] == a or a not in target:
-                continue
-            dst = target.index(a)
-            if cur[dst] is None:
-                shape = list(lv.type.shape)
-                shape[src] *= self.mesh[a]
+        for src in range(len(cur)):  # a minor axis moving to where another dim wants it: all-to-all
+            while cur[src] and want[src][:len(cur[src])] != cur[src]:
+                a = cur[src][-1]
+                dst = next((d for d in range(len(cur)) if d != src
+                            and want[d][:len(cur[d]) + 1] == cur[d] + (a,)), None)
+                if dst is None:
+                    break
+                shape = self._resized(lv, src, (a,), grow=True)
                 shape[dst] //= self.mesh[a]
                 lv = self.collective("all_to_all", lv, shape, axis=a, split=dst, concat=src)
-                cur[src], cur[dst] = None, a
-        for d, a in enumerate(cur):  # replicate what must move
-            if a is not None and target[d] != a:
-                shape = list(lv.type.shape)
-                shape[d] *= self.mesh[a]
-                lv = self.collective("all_gather", lv, shape, axis=a, dim=d)
-                cur[d] = None
-        for d, a in enumerate(target):  # split locally: no communication
-            if a is not None and cur[d] is None:
-                shape = list(lv.type.shape)
-                shape[d] //= self.mesh[a]
-                lv = self.collective("shard_slice", lv, shape, axis=a, dim=d)
-                cur[d] = a
+                cur[src], cur[dst] = cur[src][:-1], cur[dst] + (a,)
+        for d in range(len(cur)):  # replicate what must move
+            keep = _common_prefix(cur[d], want[d])
+            if keep < len(cur[d]):
+                gathered = cur[d][keep:]
+                lv = self.collective("all_gather", lv, self._resized(lv, d, gathered, grow=True),
+                                     dim=d, **_axes_attrs(gathered))
+                cur[d] = cur[d][:keep]
+        for d in range(len(cur)):  # split locally: no communication
+            if len(cur[d]) < len(want[d]):
+                added = want[d][len(cur[d]):]
+                lv = self.collective("shard_slice", lv, self._resized(lv, d, added, grow=False),
+                                     dim=d, **_axes_attrs(added))
+                cur[d] = want[d]
         if not keep_partial:
             self.bind(v, lv, target)
         return lv
@@ -201,7 +282,7 @@ def _merged_spec(p: Partitioner, values: list[Value], rank: int) -> list:
     target = [None] * rank
     for v in values:
         for d, a in enumerate(p.spec[v]):
-            if a is not None and target[d] is None and a not in target:
+            if a is not None and target[d] is None and not overlaps(a, target):
                 target[d] = a
     return target
 
@@ -247,7 +328,7 @@ def _reduction_rule(p: Partitioner, op: Op) -> None:
         out = tuple(a for d, a in enumerate(spec) if d not in axes)
         (result,) = op.results
         (local,) = p.emit(op.kind, [p.local[x]], [p.local_type(result.type, out)], dict(op.attrs))
-        split = tuple(a for a in p.mesh if a in {spec[d] for d in axes})
+        split = tuple(a for a in p.mesh if overlaps(a, [spec[d] for d in axes]))
         if split:
             local = p.collective("all_reduce", local, local.type.shape, axes=split,
                                  reduce=op.kind.removeprefix("reduce_"))
@@ -261,14 +342,18 @@ def _reduction_rule(p: Partitioner, op: Op) -> None:
 
 
 def _assign(spec: list, dim: int, axis) -> None:
-    if axis is not None and axis in spec:
-        spec[spec.index(axis)] = None
+    for d, entry in enumerate(spec):
+        if overlaps(axis, [entry]):
+            spec[d] = None
     spec[dim] = axis
 
 
 def _dot_general_rule(p: Partitioner, op: Op) -> None:
     lhs, rhs = op.operands
     (lc, rc), (lb, rb) = op.params["dimension_numbers"]
+    if may_quantize(op, p.precision):  # quantization is not linear: partial sums added up first
+        p.resolve(lhs)
+        p.resolve(rhs)
     lpart, rpart = p.partial.get(lhs, frozenset()), p.partial.get(rhs, frozenset())
     if lpart and rpart:
         p.resolve(rhs)
@@ -279,24 +364,28 @@ def _dot_general_rule(p: Partitioner, op: Op) -> None:
         a, b = ls[i], rs[j]
         if a == b:
             continue
-        if a is not None and (b is None or b in ls):
+        if a is not None and (b is None or overlaps(b, ls)):
             _assign(rs, j, a)
         elif b is not None and a is None:
             _assign(ls, i, b)
         else:
             _assign(rs, j, a)
+    local_lhs = tuple(n // p.mesh[a] if a is not None and p.fits(n, a) else n
+                      for n, a in zip(lhs.type.shape, ls))
+    if not split_keeps_mx_blocks(op, local_lhs, p.precision):  # contract whole MX blocks, or gather K
+        for i, j in zip(lc, rc):
+            ls[i] = rs[j] = None
     for i, j in zip(lc, rc):
-        if ls[i] is not None:
-            partial.add(ls[i])
+        partial.update(spec_axes(ls[i]))
     lfree = [d for d in range(len(ls)) if d not in (*lc, *lb)]
     rfree = [d for d in range(len(rs)) if d not in (*rc, *rb)]
-    used = {ls[i] for i in lb} | {ls[i] for i in lfree} | partial
+    used = [ls[i] for i in lb] + [ls[i] for i in lfree] + list(partial)
     for j in rfree:  # one axis may split only one result dim
-        if rs[j] is not None and rs[j] in used:
+        if overlaps(rs[j], used):
             rs[j] = None
-        used.add(rs[j])
+        used.append(rs[j])
     for i in lfree:
-        if ls[i] is not None and ls[i] in partial:
+        if overlaps(ls[i], partial):
             ls[i] = None
     out = tuple([ls[i] for i in lb] + [ls[i] for i in lfree] + [rs[j] for j in rfree])
     operands = [p.to_spec(lhs, tuple(ls), keep_partial=bool(lpart)),
@@ -380,24 +469,6 @@ def _slice_dims(op: Op) -> set:
                                                     strides, x.type.shape)) if (s, e, st) != (0, n, 1)}
 
 
-def _gather_rule(p: Partitioner, op: Op) -> None:
-    """Lookups in a replicated table (embeddings): the output keeps the
-    indices' split on its batch dims. Other gathers run replicated."""
-    table, indices = op.operands
-    dn = op.params["dimension_numbers"]
-    if any(a is not None for a in p.spec[table]) or getattr(dn, "operand_batching_dims", ()):
-        return _replicated_rule(p, op)
-    ltable = p.replicated(table)
-    p.resolve(indices)
-    ispec = list(p.spec[indices])
-    ispec[-1] = None  # the index vector dim is never split
-    lidx = p.to_spec(indices, tuple(ispec))
-    batch = iter(ispec[:-1])
-    rank = len(op.results[0].type.shape)
-    out = tuple(None if d in dn.offset_dims else next(batch) for d in range(rank))
-    p.same_op(op, [ltable, lidx], [out])
-
-
 def _flash_attention_rule(p: Partitioner, op: Op) -> None:
     """``flash_attention`` (B, T, N, H): batch and heads stay split (heads only
     when the mesh axis also divides the K/V heads); masks, biases and
@@ -427,24 +498,6 @@ def _flash_attention_rule(p: Partitioner, op: Op) -> None:
     p.same_op(op, operands, [(b, None, n, None)])
 
 
-def _moe_ffn_rule(p: Partitioner, op: Op) -> None:
-    """``moe_ffn``: tokens split over one axis (data parallel), every expert's
-    FFN width over another (tensor parallel: a partial sum, all-reduced by the
-    consumer). Experts themselves are not split yet: the primitive routes over
-    all experts on every device."""
-    x, logits, w_gate, w_up, w_down = op.operands
-    for v in op.operands:
-        p.resolve(v)
-    t = p.spec[x][0]
-    f = p.spec[w_gate][2] or p.spec[w_down][1]
-    if f == t:
-        f = None
-    operands = [p.to_spec(x, (t, None)), p.to_spec(logits, (t, None)),
-                p.to_spec(w_gate, (None, None, f)), p.to_spec(w_up, (None, None, f)),
-                p.to_spec(w_down, (None, f, None))]
-    p.same_op(op, operands, [(t, None)], frozenset({f}) if f else frozenset())
-
-
 def _norm_rule(p: Partitioner, op: Op) -> None:
     """``rms_norm`` / ``layer_norm`` normalise the last dim: it is gathered,
     the other dims keep their split; weights and biases are replicated."""
@@ -460,7 +513,7 @@ def _swiglu_rule(p: Partitioner, op: Op) -> None:
     x, w_gate, w_up = op.operands
     f = p.spec[w_gate][1] or p.spec[w_up][1]
     spec = p.spec[x][:-1] + (None,)
-    if f in spec:
+    if overlaps(f, spec):
         f = None
     operands = [p.to_spec(x, spec), p.to_spec(w_gate, (None, f)), p.to_spec(w_up, (None, f))]
     p.same_op(op, operands, [spec[:-1] + (f,)])
@@ -499,11 +552,12 @@ def _replicated_rule(p: Partitioner, op: Op) -> None:
 
 # ------------------------------------------------------------ regions
 
-def _partition_function(mesh: dict[str, int], module: Module, in_specs: list[Spec],
+def _partition_function(outer: Partitioner, module: Module, in_specs: list[Spec],
                         out_specs: list[Spec | None] | None) -> tuple[Module, list[Spec]]:
-    """The per-device version of ``module`` (a program or a region) and the
-    specs of its outputs; ``out_specs`` entries of None leave an output as it comes."""
-    inner = Partitioner(mesh)
+    """The per-device version of ``module`` (a program or a region, with the
+    mesh and policy of ``outer``) and the specs of its outputs; ``out_specs``
+    entries of None leave an output as it comes."""
+    inner = Partitioner(outer.mesh, outer.precision)
     params = []
     for v, s in zip(module.params, in_specs, strict=True):
         local = Value(inner.local_type(v.type, s))
@@ -533,23 +587,23 @@ def _region_rule(p: Partitioner, op: Op) -> None:
         carry = specs[n_consts:n_consts + n_carry]
         body_specs = specs[:n_consts + n_carry] + [s[1:] for s in specs[n_consts + n_carry:]]
         n_ys = len(op.results) - n_carry
-        body, outs = _partition_function(p.mesh, op.regions["body"], body_specs, list(carry) + [None] * n_ys)
+        body, outs = _partition_function(p, op.regions["body"], body_specs, list(carry) + [None] * n_ys)
         regions["body"] = body
         result_specs = list(carry) + [(None,) + s for s in outs[n_carry:]]
     elif op.kind == "while":
         n_cond, n_body = op.params["cond_nconsts"], op.params["body_nconsts"]
         carry = specs[n_cond + n_body:]
-        cond, _ = _partition_function(p.mesh, op.regions["cond"], specs[:n_cond] + carry, [()])
-        body, _ = _partition_function(p.mesh, op.regions["body"], specs[n_cond:n_cond + n_body] + carry, carry)
+        cond, _ = _partition_function(p, op.regions["cond"], specs[:n_cond] + carry, [()])
+        body, _ = _partition_function(p, op.regions["body"], specs[n_cond:n_cond + n_body] + carry, carry)
         regions = {"cond": cond, "body": body}
         result_specs = carry
     elif op.kind == "cond":
         p.to_spec(op.operands[0], ())
         names = sorted(op.regions, key=lambda n: int(n.removeprefix("branch")))
-        first, result_specs = _partition_function(p.mesh, op.regions[names[0]], specs[1:], None)
+        first, result_specs = _partition_function(p, op.regions[names[0]], specs[1:], None)
         regions[names[0]] = first
         for n in names[1:]:
-            regions[n], _ = _partition_function(p.mesh, op.regions[n], specs[1:], result_specs)
+            regions[n], _ = _partition_function(p, op.regions[n], specs[1:], result_specs)
     else:  # an op computed by its body (a recognised pattern): run it whole
         operands = [p.replicated(v) for v in op.operands]
         p.same_op(op, operands, [(None,) * len(r.type.shape) for r in op.results])
@@ -590,13 +644,11 @@ RULES_BY_KIND: dict[str, Callable[[Partitioner, Op], None]] = {
     "dynamic_update_slice": _along_dims_rule(
         lambda op: {d for d, (n, k) in enumerate(zip(op.operands[0].type.shape, op.operands[1].type.shape))
                     if n != k}),
-    "gather": _gather_rule,
     "flash_attention": _flash_attention_rule,
     "rms_norm": _norm_rule,
     "layer_norm": _norm_rule,
     "swiglu": _swiglu_rule,
     "split": _along_dims_rule(lambda op: {op.params["axis"]}),
-    "moe_ffn": _moe_ffn_rule,
     **{k: _along_dims_rule(lambda op: {op.params["axis"]}) for k in
        ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp")},
     **{k: _region_rule for k in REGION_KINDS},
@@ -620,9 +672,10 @@ RULES_BY_KIND.update(partition_moe.RULES)
 
 
 def partition(module: Module, mesh: dict[str, int], in_specs: list[Spec],
-              out_specs: list[Spec | None] | None = None) -> Module:
-    """The per-device module of ``module`` over ``mesh``."""
-    result, final = _partition_function(mesh, module, list(in_specs), out_specs)
+              out_specs: list[Spec | None] | None = None, precision=None) -> Module:
+    """The per-device module of ``module`` over ``mesh``; ``precision`` is the
+    policy the precision pass will apply (see ``Partitioner``)."""
+    result, final = _partition_function(Partitioner(mesh, precision), module, list(in_specs), out_specs)
     layout = SpmdLayout(tuple(mesh.items()), tuple(tuple(s) for s in in_specs), tuple(final))
     result = dataclasses.replace(result, layout=layout)
     collectives.set_groups(result, mesh)
@@ -641,4 +694,5 @@ def run(module: Module, ctx) -> Module:
     if not mesh:
         return module
     in_specs = getattr(ctx, "in_specs", None) or [(None,) * len(v.type.shape) for v in module.params]
-    return partition(module, dict(mesh), list(in_specs), getattr(ctx, "out_specs", None))
+    return partition(module, dict(mesh), list(in_specs), getattr(ctx, "out_specs", None),
+                     getattr(ctx, "precision", None))

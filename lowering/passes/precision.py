@@ -44,6 +44,16 @@ dimension, and ops with regions other than control flow (a
 ``flash_attention`` op from the attention pass, fused kernels): their bodies
 are kept as they are. A policy whose two formats are both None changes
 nothing.
+
+On a mesh, the rewrite quantizes each device's operands: the same blocks as
+the unsharded program only if every device's K is a whole number of the
+global K's blocks. The partition pass, which runs first, asks
+``split_keeps_mx_blocks`` before it splits a contraction that this pass may
+quantize, and gathers K when the split would cut a block, so the per-device
+program quantizes exactly the unsharded program's blocks (and sums the
+per-device partial products in another order: float32 reassociation only).
+It also adds up partial sums before they reach such a contraction
+(quantization is not linear).
 """
 
 from __future__ import annotations
@@ -158,6 +168,44 @@ def _formats(op: Op, weights: set[Value], policy) -> tuple[str | None, str | Non
     else:
         return None
     return None if formats[:2] == (None, None) else formats
+
+
+def may_quantize(op: Op, policy) -> bool:
+    """Whether this pass may rewrite the ``dot_general`` ``op`` under
+    ``policy``, whichever operands turn out to be weights: the policy has a
+    format, the operands and result are floating point, and the op has no
+    batch dims unless ``policy.attention``."""
+    if policy is None or (policy.weights is None and policy.activations is None):
+        return False
+    (_, _), (lb, _) = op.params["dimension_numbers"]
+    return (not lb or policy.attention) and all(_floating(v) for v in (*op.operands, *op.results))
+
+
+def split_keeps_mx_blocks(op: Op, local_lhs_shape: tuple, policy) -> bool:
+    """Whether the ``dot_general`` ``op``, with its operands split so that the
+    lhs is ``local_lhs_shape`` on every device (contracting dims split alike
+    on both sides), quantizes the unsplit op's MX blocks under ``policy``.
+
+    The rewrite flattens the contracting dims into one K, in the weight's
+    axis order (either operand's: both orders are checked), and quantizes
+    blocks of ``DEFAULT_BLOCK_SIZE`` along it. A device's K is then runs of
+    ``local size of the innermost split dim x the sizes inside it``
+    consecutive global elements, each starting at a multiple of its length:
+    whole global blocks exactly when that run is a multiple of the block
+    size. True as well for ops this pass leaves alone (``may_quantize``)."""
+    if not may_quantize(op, policy):
+        return True
+    dims = op.params["dimension_numbers"]
+    shape = op.operands[0].type.shape
+    for weight_side in (0, 1):
+        (order, _), _ = _contraction_order(dims, weight_side)
+        split = [k for k, d in enumerate(order) if local_lhs_shape[d] != shape[d]]
+        if split:
+            inner = order[split[-1]]
+            run = local_lhs_shape[inner] * math.prod(shape[d] for d in order[split[-1] + 1:])
+            if run % DEFAULT_BLOCK_SIZE:
+                return False
+    return True
 
 
 def _contraction_order(dimension_numbers, weight_side: int):

@@ -41,17 +41,28 @@ The rule is registered through ``jax._src.checkify`` (JAX has no public API
 for checkify rules of new primitives).
 
 The primitive ``embedding_bag_p`` sees a canonical form with a leading axis
-of S independent *index sets*: ``table (N, D)``, ``indices (S, n)`` or
+of S independent *index sets*: the table, ``indices (S, n)`` or
 ``(S, B, L)``, then ``offsets``/``lengths (S, B)`` (flat forms only), then
 ``per_sample_weights`` (shaped like ``indices``, when ``weighted``); params
 ``layout`` ("offsets", "lengths" or "padded"), ``mode`` and ``weighted``;
-result ``(S, B, D)``. The public function uses S = 1. ``jax.vmap`` over
-index sets (a table that is not batched) folds the batch into S, so one
-kernel serves every set; a batched table maps the reference.
+result ``(S, B, D)``. The table is either
+
+- ``(N, D)``: one table shared by every index set, or
+- ``(T, N, D)``: a stack of T equal-shape tables, S a multiple of T; the
+  sets come in T consecutive groups of S / T, group t reading table t.
+
+The public function uses S = 1 and a 2-D table. ``jax.vmap`` keeps one
+kernel for every set: over index sets it folds the batch into S; over
+tables (TorchRec's several tables of one embedding dim,
+``jax.vmap(embedding_bag)(tables, ids)``) it stacks them, so the per-table
+lookups become one op with a ``(T, N, D)`` table.
 
 Derivatives: JVP (and so ``jax.grad``) differentiates the reference w.r.t.
 the table and the per-sample weights (indices, offsets and lengths are
 integers). The gradient of "max" goes to the row that attains the maximum.
+
+Sharded tables (table-wise as a stack split on T, row-wise, column-wise)
+are partitioned by ``lowering.passes.partition_embedding``.
 
 Cost (``runtime.accelerated.embedding``): rows gathered at random at the
 chip's random-access HBM efficiency, indices and pooled output streamed.
@@ -66,9 +77,9 @@ from jax._src import checkify as _checkify
 from jax._src import core as _core
 from jax.interpreters import ad
 
-from mtia_jax.primitives._base import _batching_from, define_primitive
+from mtia_jax.primitives._base import define_primitive
 
-__all__ = ["embedding_bag", "embedding_bag_p", "MODES", "LAYOUTS"]
+__all__ = ["embedding_bag", "embedding_bag_p", "split_operands", "MODES", "LAYOUTS"]
 
 MODES = ("sum", "mean", "max")
 LAYOUTS = ("offsets", "lengths", "padded")
@@ -77,8 +88,9 @@ PADDING_INDEX = -1  # padding entry of the 2-D (padded) form
 
 # ------------------------------------------------------------ operands
 
-def _split(operands, layout: str, weighted: bool):
-    """(table, indices, segments or None, weights or None) from the operand list."""
+def split_operands(operands, layout: str, weighted: bool):
+    """(table, indices, segments or None, weights or None) from the canonical
+    operand list of ``embedding_bag_p`` (values, avals or IR values alike)."""
     table, indices, *rest = operands
     segments = rest.pop(0) if layout != "padded" else None
     weights = rest.pop(0) if weighted else None
@@ -104,10 +116,22 @@ def _flat_bags(indices, segments, layout: str):
     return jnp.cumsum(marks, axis=1)[:, :n]
 
 
+def _table_rows(table, indices):
+    """Rows of ``table`` flattened to ``(rows, D)`` that ``indices (S, n)``
+    read, clipped into the table (the invalid entries are dropped later)."""
+    n_rows = table.shape[-2]
+    rows = jnp.clip(indices, 0, n_rows - 1)
+    if table.ndim == 3:  # set group t reads table t: its rows start at t N
+        sets = indices.shape[0]
+        first = jnp.arange(sets, dtype=jnp.int32) // (sets // table.shape[0]) * n_rows
+        rows = rows + first[:, None]
+    return rows.reshape(-1)
+
+
 def _reference(*operands, layout: str, mode: str, weighted: bool):
     """Pool the rows of every bag of every index set (see the module docstring)."""
-    table, indices, segments, weights = _split(operands, layout, weighted)
-    n_rows, d = table.shape
+    table, indices, segments, weights = split_operands(operands, layout, weighted)
+    n_rows, d = table.shape[-2:]
     s = indices.shape[0]
     if layout == "padded":
         num_bags = indices.shape[1]
@@ -127,7 +151,7 @@ def _reference(*operands, layout: str, mode: str, weighted: bool):
     num_segments = s * num_bags
     segment = jnp.where(valid, jnp.arange(s, dtype=jnp.int32)[:, None] * num_bags + bags,
                         num_segments).reshape(-1)
-    rows = jnp.take(table, jnp.clip(indices, 0, n_rows - 1).reshape(-1), axis=0,
+    rows = jnp.take(table.reshape(-1, d), _table_rows(table, indices), axis=0,
                     mode="clip").astype(jnp.float32)
     keep = valid.reshape(-1, 1)
     count = jax.ops.segment_sum(valid.reshape(-1).astype(jnp.float32), segment,
@@ -149,15 +173,20 @@ def _reference(*operands, layout: str, mode: str, weighted: bool):
 # ------------------------------------------------------------ rules
 
 def _abstract_eval(*avals, layout, mode, weighted):
-    table, indices, segments, _ = _split(avals, layout, weighted)
+    table, indices, segments, _ = split_operands(avals, layout, weighted)
+    sets = indices.shape[0]
+    if table.ndim == 3 and sets % table.shape[0]:
+        raise ValueError(f"embedding_bag_p: {sets} index sets cannot be grouped over a stack of "
+                         f"{table.shape[0]} tables {tuple(table.shape)}: the sets must be a "
+                         f"multiple of the tables")
     num_bags = indices.shape[1] if layout == "padded" else segments.shape[1]
-    return _core.ShapedArray((indices.shape[0], num_bags, table.shape[1]), table.dtype)
+    return _core.ShapedArray((sets, num_bags, table.shape[-1]), table.dtype)
 
 
 def _jvp(primals, tangents, *, layout, mode, weighted):
     """Differentiate the reference w.r.t. the table and the weights only."""
-    table, indices, segments, weights = _split(primals, layout, weighted)
-    t_table, _, _, t_weights = _split(tangents, layout, weighted)
+    table, indices, segments, weights = split_operands(primals, layout, weighted)
+    t_table, _, _, t_weights = split_operands(tangents, layout, weighted)
     params = dict(layout=layout, mode=mode, weighted=weighted)
 
     def pooled(table, weights):
@@ -171,21 +200,38 @@ def _jvp(primals, tangents, *, layout, mode, weighted):
     return out, t_out
 
 
-_fallback_batching = _batching_from(_reference)
+def _fold_outer(a, dim, size: int):
+    """``a`` with the batch (of ``size``) folded into its leading axis, batch major."""
+    a = jnp.broadcast_to(a, (size, *a.shape)) if dim is None else jnp.moveaxis(a, dim, 0)
+    return a.reshape(size * a.shape[1], *a.shape[2:])
+
+
+def _fold_inner(a, dim, size: int):
+    """``a`` with the batch folded into its leading axis, batch minor."""
+    if dim is None:
+        a = jnp.broadcast_to(a[:, None], (a.shape[0], size, *a.shape[1:]))
+    else:
+        a = jnp.moveaxis(a, dim, 1)
+    return a.reshape(a.shape[0] * size, *a.shape[2:])
 
 
 def _batching_rule(args, dims, *, layout, mode, weighted):
-    """Index sets batched against one table: fold the batch into the set axis S."""
-    if dims[0] is not None:
-        return _fallback_batching(args, dims, layout=layout, mode=mode, weighted=weighted)
+    """One kernel for the whole batch: the batch folds into the set axis S.
+
+    A batched table becomes (more) stacked tables, batch major, with the
+    index sets batch major alike, so set group t still reads table t. A
+    stacked table the batch does not map keeps its T tables; the batch
+    folds into each table's group of sets (batch minor)."""
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-
-    def fold(a, dim):
-        a = jnp.broadcast_to(a, (size, *a.shape)) if dim is None else jnp.moveaxis(a, dim, 0)
-        return a.reshape(size * a.shape[1], *a.shape[2:])
-
-    table, rest = args[0], [fold(a, d) for a, d in zip(args[1:], dims[1:])]
-    out = embedding_bag_p.bind(table, *rest, layout=layout, mode=mode, weighted=weighted)
+    table, index_args = args[0], zip(args[1:], dims[1:])
+    params = dict(layout=layout, mode=mode, weighted=weighted)
+    if dims[0] is None and table.ndim == 3:
+        out = embedding_bag_p.bind(table, *[_fold_inner(a, d, size) for a, d in index_args], **params)
+        return out.reshape(-1, size, *out.shape[1:]), 1
+    if dims[0] is not None:
+        table = jnp.moveaxis(table, dims[0], 0)
+        table = table.reshape(-1, *table.shape[-2:])
+    out = embedding_bag_p.bind(table, *[_fold_outer(a, d, size) for a, d in index_args], **params)
     return out.reshape(size, -1, *out.shape[1:]), 0
 
 
@@ -195,8 +241,8 @@ def _checkify_rule(error, enabled_errors, *operands, layout, mode, weighted):
     out = embedding_bag_p.bind(*operands, layout=layout, mode=mode, weighted=weighted)
     if _checkify.OOBError not in enabled_errors:
         return error, out
-    table, indices, segments, _ = _split(operands, layout, weighted)
-    n_rows = table.shape[0]
+    table, indices, segments, _ = split_operands(operands, layout, weighted)
+    n_rows = table.shape[-2]
     if layout == "padded":
         bad = (indices < PADDING_INDEX) | (indices >= n_rows)
     else:

@@ -45,6 +45,22 @@ chosen logits, and the weights) differentiates the reference; ``jax.vmap``
 keeps the primitive when the weights are not batched (the batch axis is
 folded into the token axis T: tokens are independent) and maps the
 reference otherwise.
+
+Expert parallelism. When the partition pass splits the experts over a mesh
+axis of G devices (``lowering.passes.partition_moe``), each device runs the
+layer as three kernels around two ``all_to_all``s, with the same numerics:
+
+    send = moe_dispatch_p(x, logits)        # (E, T, D): row [e, t] = x[t] if t routes to e, else 0
+    rows = all_to_all(send, split=0, concat=1)           # (E/G, G T, D): my experts' rows
+    y    = moe_experts_p(rows, w_gate, w_up, w_down)     # (E/G, G T, D) float32
+    back = all_to_all(y, split=1, concat=0)              # (E, T, D) float32
+    out  = moe_combine_p(back, logits)      # (T, D): sum_j p[j] * back[experts[j], t]
+
+Every expert's rows sit at fixed places (expert, source device, token), so
+no capacity limit drops a token and no expert ids travel. The expert
+outputs come back in float32, the kernel's own accumulator, so the combine
+is the unsharded kernel's float32 combine and the layer equals the
+unsharded one up to float32 summation order.
 """
 
 from __future__ import annotations
@@ -59,7 +75,7 @@ from jax._src import core as _core
 
 from mtia_jax.primitives._base import check_float, _batching_from, define_primitive
 
-__all__ = ["moe_ffn", "moe_ffn_p", "route"]
+__all__ = ["moe_ffn", "moe_ffn_p", "route", "moe_dispatch_p", "moe_experts_p", "moe_combine_p"]
 
 _HIGHEST = lax.Precision.HIGHEST
 MAX_BLOCK_ROWS = 128  # rows per block of the grouped matmul (a matrix-engine tile's order)
@@ -124,13 +140,25 @@ def _reference(x, router_logits, w_gate, w_up, w_down, *, top_k):
     block_expert = jnp.minimum(jnp.sum(ends[None, :] <= block_start[:, None], axis=1), e - 1)
 
     # Expert FFNs, block by block
-    gate = _block_matmul_f32(x_blocks, w_gate[block_expert])
-    up = _block_matmul_f32(x_blocks, w_up[block_expert])
-    hidden = (gate * jax.nn.sigmoid(gate) * up).astype(dtype)
-    y_rows = _block_matmul_f32(hidden, w_down[block_expert]).reshape(-1, d)
+    y_rows = _expert_ffn(x_blocks, w_gate[block_expert], w_up[block_expert],
+                         w_down[block_expert]).reshape(-1, d)
 
     # Combine: each token's k expert outputs, weighted, in float32
-    y_slots = y_rows[row_of_slot].reshape(t, top_k, d)
+    return _combine(weights, y_rows[row_of_slot].reshape(t, top_k, d), dtype)
+
+
+def _expert_ffn(rows, w_gate, w_up, w_down):
+    """``(G, R, D)`` rows through G expert FFNs (weights ``(G, D, F)``,
+    ``(G, D, F)``, ``(G, F, D)``) -> ``(G, R, D)`` float32; the hidden
+    activation is rounded to the rows' dtype before the down projection."""
+    gate = _block_matmul_f32(rows, w_gate)
+    up = _block_matmul_f32(rows, w_up)
+    hidden = (gate * jax.nn.sigmoid(gate) * up).astype(rows.dtype)
+    return _block_matmul_f32(hidden, w_down)
+
+
+def _combine(weights, y_slots, dtype):
+    """``sum_j weights[t, j] * y_slots[t, j]`` in float32, rounded once to ``dtype``."""
     return jnp.sum(weights[:, :, None] * y_slots, axis=1).astype(dtype)
 
 
@@ -166,6 +194,36 @@ def _batching_rule(args, dims, *, top_k):
 
 moe_ffn_p = define_primitive("moe_ffn", _reference, abstract_eval=_abstract_eval,
                              batching_rule=_batching_rule)
+
+
+# ------------------------------------------------------------ expert parallelism
+
+def _dispatch(x, router_logits, *, top_k, dtype):
+    """``(E, T, D)`` in ``dtype``: row ``[e, t]`` is token t if it routes to
+    expert e, else zeros."""
+    _, experts = route(router_logits, top_k)
+    num_experts = router_logits.shape[1]
+    routed = jnp.any(experts[None] == jnp.arange(num_experts, dtype=jnp.int32)[:, None, None], axis=-1)
+    return jnp.where(routed[:, :, None], x.astype(dtype)[None], jnp.zeros((), dtype))
+
+
+def _experts(rows, w_gate, w_up, w_down):
+    """The device's experts on the rows they received: ``(G, R, D)`` float32."""
+    weights = (w.astype(rows.dtype) for w in (w_gate, w_up, w_down))
+    return _expert_ffn(rows, *weights)
+
+
+def _combine_returned(returned, router_logits, *, top_k, dtype):
+    """``(T, D)``: each token's k expert outputs, read back from ``returned``
+    ``(E, T, D)`` float32 at (its expert, itself) and combined."""
+    weights, experts = route(router_logits, top_k)
+    tokens = jnp.arange(returned.shape[1], dtype=jnp.int32)[:, None]
+    return _combine(weights, returned[experts, tokens], dtype)
+
+
+moe_dispatch_p = define_primitive("moe_dispatch", _dispatch)
+moe_experts_p = define_primitive("moe_experts", _experts)
+moe_combine_p = define_primitive("moe_combine", _combine_returned)
 
 
 # ------------------------------------------------------------ public API

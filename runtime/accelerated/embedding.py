@@ -1,8 +1,10 @@
 """Work rule for ``embedding_bag`` (``mtia_jax.primitives.embedding_bag``).
 
-Operands of the op: ``table (N, D)``, ``indices (S, n)`` or ``(S, B, L)``,
-then ``offsets``/``lengths (S, B)`` (flat forms), then per-sample weights
-(shaped like ``indices``) when weighted; result ``(S, B, D)``.
+Operands of the op: ``table (N, D)`` (or a stack of tables ``(T, N, D)``),
+``indices (S, n)`` or ``(S, B, L)``, then ``offsets``/``lengths (S, B)``
+(flat forms), then per-sample weights (shaped like ``indices``) when
+weighted; result ``(S, B, D)``. The work depends on the rows read, not on
+how many tables they come from.
 
 HBM bytes
     rows gathered: one per index entry, ``R = indices.size`` (the padded
@@ -44,7 +46,7 @@ def gathered_row_bytes(row_bytes: int) -> int:
 def _embedding_bag_work(op) -> OpWork:
     table, indices, *streamed = (v.type for v in op.operands)
     out = op.results[0].type
-    d = table.shape[1]
+    d = table.shape[-1]
     rows = indices.size
     gathered = rows * gathered_row_bytes(d * table.dtype.itemsize)
     flops = rows * d

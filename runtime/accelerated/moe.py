@@ -34,6 +34,19 @@ without the unit (``unit="moe_ffn"`` not in ``chip.units``)
     expert and the expert products read them back; the products write their
     T k output rows and the combine reads them back: 4 T k D elements of
     the activation dtype.
+
+Expert parallelism (``moe_dispatch``, ``moe_experts``, ``moe_combine``: the
+per-device kernels of a ``moe_ffn`` split over its experts, see
+``mtia_jax.primitives.moe_ffn``). Their executed buffers hold a row for every
+(expert, token) pair, zeros where a token does not go; the chip moves only
+the routed rows. Modeling assumption: routing is balanced, so each device
+dispatches and combines the T k slots of its own T tokens and its experts
+receive T k rows of the G T tokens of their group (G devices). The dispatch
+reads ``x`` and the logits and writes the T k routed rows; the experts read
+their rows, write their float32 results and read the weights of the local
+experts that receive a token (the uniform-routing expectation above, over
+the G T tokens); the combine reads the T k float32 results and the logits
+and writes the output. FLOPs as for ``moe_ffn``, over the routed rows.
 """
 
 from __future__ import annotations
@@ -79,4 +92,46 @@ def _moe_ffn_work(op) -> OpWork:
     )
 
 
-RULES = {"moe_ffn": _moe_ffn_work}
+def _moe_dispatch_work(op) -> OpWork:
+    x, logits = (v.type for v in op.operands)
+    out = op.results[0].type
+    t, d = x.shape
+    routed = t * op.params["top_k"] * d * out.dtype.itemsize
+    return OpWork(dtype=out.dtype, hbm_bytes=x.nbytes + logits.nbytes + routed)
+
+
+def _moe_experts_work(op) -> OpWork:
+    rows, w_gate, w_up, w_down = (v.type for v in op.operands)
+    out = op.results[0].type
+    local, received, d = rows.shape
+    f = w_gate.shape[2]
+    k, e = op.attrs["top_k"], op.attrs["experts"]
+    slots = local * received * k / e  # the routed rows among those received, balanced
+    per_expert_weight_bytes = (w_gate.nbytes + w_up.nbytes + w_down.nbytes) / local
+    hit = expected_experts_hit(received, e, k) * local / e
+    return OpWork(
+        flops=2 * 3 * slots * d * f + EPILOGUE_FLOPS_PER_HIDDEN * slots * f,
+        transcendentals=slots * f,
+        engine="matrix",
+        dtype=np.result_type(rows.dtype, w_gate.dtype, w_up.dtype, w_down.dtype),
+        hbm_bytes=slots * d * (rows.dtype.itemsize + out.dtype.itemsize) + hit * per_expert_weight_bytes,
+        unit="moe_ffn",
+    )
+
+
+def _moe_combine_work(op) -> OpWork:
+    returned, logits = (v.type for v in op.operands)
+    out = op.results[0].type
+    t, d = out.shape
+    slots = t * op.params["top_k"]
+    return OpWork(
+        flops=COMBINE_FLOPS_PER_ELEMENT * slots * d,
+        transcendentals=slots,
+        dtype=returned.dtype,
+        hbm_bytes=slots * d * returned.dtype.itemsize + logits.nbytes + out.nbytes,
+        unit="moe_ffn",
+    )
+
+
+RULES = {"moe_ffn": _moe_ffn_work, "moe_dispatch": _moe_dispatch_work,
+         "moe_experts": _moe_experts_work, "moe_combine": _moe_combine_work}

@@ -1,0 +1,232 @@
+"""The validation harness (benchmarks/validate.py) and the calibrated constants:
+the published rows are complete, the fit recovers known constants, the cost
+model applies the efficiencies as documented, and the catalogue holds what the
+fit produces on the training rows."""
+
+import functools
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import programs  # noqa: E402
+import validate  # noqa: E402
+import validation_data as data  # noqa: E402
+
+import mtia_jax  # noqa: E402
+from mtia_jax import chips  # noqa: E402
+from runtime.collectives import collective_time  # noqa: E402
+from runtime.cost_model import program_cost  # noqa: E402
+
+TINY = programs.LLAMA_CONFIGS["tiny"]
+OTHER = {"matmul_efficiency": 0.5, "hbm_efficiency": 0.7, "collective_efficiency": 0.4,
+         "kernel_launch_s": 5e-6}
+
+
+# ------------------------------------------------------------ the published rows
+
+def test_every_row_has_a_source_a_split_and_its_conditions():
+    assert len(data.ROWS) >= 12
+    assert len({r.id for r in data.ROWS}) == len(data.ROWS)
+    for r in data.ROWS:
+        source = data.SOURCES[r.source]
+        assert source.url.startswith("https://") and source.title and source.framework
+        assert r.where and r.precision and r.chip in ("h100", "h200")
+        assert r.measured > 0 and r.batch >= 1 and 1 <= r.tp <= r.gpus
+        if r.metric == "samples_s_system":
+            assert r.model.startswith("dlrm")
+        else:
+            assert r.input_len >= 1 and data.MODELS[r.model]["layers"] >= 1
+            assert (r.output_len is None) == (r.metric == "first_token_s")
+        # the split rule declared in validation_data: odd ids train, even ids held out
+        assert r.split == ("train" if int(r.id[1:]) % 2 else "held-out")
+
+
+def test_rows_span_decode_and_prefill_tensor_parallel_and_recommendation():
+    llm = [r for r in data.ROWS if r.output_len]
+    assert any(r.output_len >= 16 * r.input_len for r in llm)      # decode-dominated
+    assert any(r.input_len >= 16 * r.output_len for r in llm)      # prefill-dominated
+    assert any(r.metric == "first_token_s" for r in data.ROWS)
+    assert any(r.tp > 1 for r in data.ROWS)
+    assert {r.model for r in llm} >= {"llama2-7b", "llama2-13b", "llama2-70b"}
+    assert any(r.model.startswith("dlrm") for r in data.ROWS)
+    assert {r.chip for r in data.rows("train")} == {r.chip for r in data.rows("held-out")}
+
+
+def test_the_llama2_shapes_have_the_published_parameter_counts():
+    def count(name):
+        params = programs.llama_shapes(data.MODELS[name], 1, 1)[0]
+        return sum(math.prod(s.shape) for s in jax.tree.leaves(params))
+    # Touvron et al. 2023: 7B, 13B, 70B (6.74e9, 13.0e9, 69.0e9 with the untied head)
+    assert count("llama2-7b") == pytest.approx(6.74e9, rel=0.01)
+    assert count("llama2-13b") == pytest.approx(13.0e9, rel=0.01)
+    assert count("llama2-70b") == pytest.approx(69.0e9, rel=0.01)
+
+
+def test_metrics_follow_the_source_definitions():
+    # out_tps = output_seqlen x batch_size / total_latency / tp (Falcon180B-H200 source)
+    row = next(r for r in data.ROWS if r.metric == "out_tok_s_gpu" and r.tp > 1)
+    plan = validate.plan(row)
+    assert plan.metric(lambda p: 2.0) == pytest.approx(
+        row.output_len * row.batch / (2.0 * sum(c for c, _ in plan.terms)) / row.tp)
+    decode = [c for c, p in plan.terms if p.kind == "decode"]
+    assert sum(decode) == pytest.approx(row.output_len - 1)   # the first token comes from prefill
+    dlrm_row = next(r for r in data.ROWS if r.metric == "samples_s_system")
+    assert validate.plan(dlrm_row).metric(lambda p: 0.5) == pytest.approx(
+        dlrm_row.gpus * dlrm_row.batch / 0.5 / 270)
+
+
+def test_simpson_integrates_a_quadratic_step_time_exactly():
+    row = next(r for r in data.ROWS if r.metric == "out_tok_s_gpu")
+    terms = validate._decode_terms(row)
+    step = lambda c: 1e-3 + 2e-6 * c + 3e-10 * c * c
+    exact = sum(step(row.input_len + i) for i in range(1, row.output_len))
+    assert sum(w * step(p.length) for w, p in terms) == pytest.approx(exact, rel=1e-4)
+
+
+# ------------------------------------------------------------ the cost model
+
+def test_cost_model_applies_the_efficiencies_as_documented():
+    chip = chips.get("h100").replace(**OTHER)
+    m = k = n = 4096
+    shapes = [jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((k, n), jnp.bfloat16)]
+    compiled = mtia_jax.jit(jnp.matmul, chip=chip).lower(*shapes).compile()
+    kernel, = compiled.cost.kernels
+    tile = compiled.module.ops[0].attrs["tile"]
+    flops = 2 * m * n * k
+    assert kernel.compute_s == pytest.approx(flops / (989.4e12 * tile.efficiency * 0.5), rel=1e-12)
+    assert kernel.hbm_s == pytest.approx(kernel.hbm_bytes / (3.35e12 * 0.7), rel=1e-12)
+    assert kernel.time_s == pytest.approx(max(kernel.compute_s, kernel.hbm_s) + 5e-6, rel=1e-12)
+    # the roofline stays at the peaks
+    nbytes = 2 * (m * k + k * n + m * n)
+    assert compiled.cost.roofline_time_s == pytest.approx(max(flops / 989.4e12, nbytes / 3.35e12))
+
+
+def test_collectives_run_at_the_achievable_link_bandwidth():
+    # x (B, K) @ w (K, N) with K split over 2 devices: one all_reduce of the (B, N) partial sums
+    mesh = mtia_jax.make_mesh((2,), ("model",), chip="h100")
+    b, kk, nn = 256, 1024, 8192
+    args = [jax.ShapeDtypeStruct((b, kk), jnp.float32), jax.ShapeDtypeStruct((kk, nn), jnp.float32)]
+    rep = mtia_jax.estimate(jnp.matmul, *args, chip="h100", mesh=mesh,
+                            in_shardings=(P(None, "model"), P("model", None)))
+    op = next(validate.op_at(rep.module, k.path) for k in rep.cost.kernels if k.stream == "network")
+    assert op.kind == "all_reduce"
+    chip = chips.get("h100").replace(collective_efficiency=0.4)
+    nbytes = b * nn * 4
+    bw, lat = 450e9 * 0.4, chip.scaleup_link_latency_s
+    # p = 2: ring 2 (p-1)/p N/B + 2 (p-1) L beats tree 2 (N/B + L); plus the reduction of
+    # (p-1)/p of the elements on the vector units (no near-memory reduction on H100)
+    expected = nbytes / bw + 2 * lat + (b * nn / 2) / chip.vector_peak(jnp.float32)
+    assert collective_time(op, chip)[0] == pytest.approx(expected, rel=1e-12)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_reports():
+    """A tensor-parallel prefill and decode of the tiny Llama on 2 H100s."""
+    mesh = mtia_jax.make_mesh((1, 2), ("data", "model"), chip="h100")
+    heads = dict(heads=TINY["heads"], kv_heads=TINY["kv_heads"])
+    params, ck, cv, tokens, position = programs.llama_shapes(TINY, 4, 32, kv_dtype=jnp.float8_e4m3fn)
+    policy = validate.PRECISIONS["fp8"][0]
+    sh = programs.llama_shardings(TINY, 2)
+    decode = mtia_jax.estimate(functools.partial(programs.llama_decode_step, **heads), params, ck, cv,
+                               tokens, position, chip="h100", mesh=mesh, in_shardings=sh,
+                               precision=policy)
+    prefill = mtia_jax.estimate(functools.partial(programs.llama_step, position=0, **heads), params, ck,
+                                cv, jax.ShapeDtypeStruct((4, 32), jnp.int32), chip="h100", mesh=mesh,
+                                in_shardings=sh[:4], precision=policy)
+    return decode, prefill
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_closed_form_equals_the_cost_model_at_other_constants(which):
+    rep = _tiny_reports()[which]
+    cost = validate.PhaseCost.of(rep)
+    assert cost.collectives, "the tensor-parallel program has collectives"
+    for constants in (OTHER, validate.catalogue_constants()):
+        modeled = program_cost(rep.module, rep.chip.replace(**constants)).time_s
+        assert cost.time_s(constants) == pytest.approx(modeled, rel=1e-9)
+
+
+def test_fp8_kv_cache_is_read_at_one_byte_per_element():
+    decode = _tiny_reports()[0]
+    attn = [k for k in decode.cost.kernels if k.kind == "flash_attention"]
+    assert attn
+    dh = TINY["d_model"] // TINY["heads"]
+    # per device: K and V of (L x B x S x KV/2 x Dh) FP8 elements, plus q and the output
+    kv_bytes = 2 * TINY["layers"] * 4 * 32 * (TINY["kv_heads"] // 2) * dh
+    assert kv_bytes <= sum(k.hbm_bytes for k in attn) < 1.5 * kv_bytes
+
+
+# ------------------------------------------------------------ the fit
+
+def _synthetic_cost(matrix, vector, hbm, launches, collectives=()):
+    return validate.PhaseCost(chips.get("h100"), np.array(matrix), np.array(vector), np.array(hbm),
+                              0.0, launches, tuple(collectives))
+
+
+def test_fit_recovers_known_constants_from_synthetic_rows():
+    net_op = next(validate.op_at(r.module, k.path) for r in _tiny_reports()
+                  for k in r.cost.kernels if k.stream == "network")
+    phases = [
+        _synthetic_cost([1.0, 0.2], [0.01, 0.0], [0.1, 0.05], 10),            # compute-bound
+        _synthetic_cost([0.01, 0.0], [0.0, 0.001], [1.0, 0.3], 10),           # memory-bound
+        _synthetic_cost([1e-5] * 3, [0.0] * 3, [1e-5] * 3, 2e4),              # launch-bound
+        _synthetic_cost([0.3], [0.0], [0.2], 50, [(net_op, 2e5)]),            # network-heavy
+        _synthetic_cost([0.5, 0.0], [0.0, 0.0], [0.0, 0.4], 1e3, [(net_op, 1e4)]),
+    ]
+    truth = {"matmul_efficiency": 0.55, "hbm_efficiency": 0.83, "collective_efficiency": 0.62,
+             "kernel_launch_s": 4.2e-6}
+    goals = [(1e3 / p.time_s(truth), lambda c, p=p: 1e3 / p.time_s(c)) for p in phases]
+    fitted = validate.fit(goals)
+    for name, value in truth.items():
+        assert fitted[name] == pytest.approx(value, rel=2e-3), name
+
+
+def test_catalogue_holds_the_fit_of_the_training_rows():
+    train = data.rows("train")
+    assert chips.HOPPER_FIT_ROWS == tuple(r.id for r in train)
+    fitted = validate.fit(validate.targets(train, validate.phase_costs(train)))
+    # the fit is rounded to SIG_DIGITS significant digits; a cost-model change that moves
+    # it needs a re-fit: run benchmarks/validate.py and copy its values into HOPPER_FIT
+    assert chips.HOPPER_FIT == pytest.approx(fitted, rel=10 ** (1 - validate.SIG_DIGITS) / 2), \
+        f"mtia_jax.chips.HOPPER_FIT is stale: the fit on the training rows gives {fitted}"
+    for chip in validate.FIT_CHIPS:
+        spec = chips.get(chip)
+        for name in validate.CALIBRATED:
+            assert getattr(spec, name) == chips.HOPPER_FIT[name]
+            assert spec.sources[name].startswith("derived: fitted on the training rows r01")
+
+
+def test_mtia_entries_take_only_the_hbm_fraction_from_the_fit():
+    for spec in chips.specs():
+        if spec.vendor != "Meta":
+            continue
+        assert spec.hbm_efficiency == chips.HOPPER_FIT["hbm_efficiency"]
+        assert spec.sources["hbm_efficiency"].startswith("derived: transferred from the H100/H200")
+        assert spec.matmul_efficiency == spec.collective_efficiency == 1.0
+        assert spec.sources["matmul_efficiency"].startswith("assumption")
+
+
+# ------------------------------------------------------------ the new ChipSpec fields
+
+def test_efficiency_fields_are_fractions_with_sources_and_overridable():
+    for spec in chips.specs():
+        for name in ("matmul_efficiency", "hbm_efficiency", "collective_efficiency"):
+            assert 0 < getattr(spec, name) <= 1
+            assert spec.sources[name].startswith(("derived", "assumption"))
+    h100 = chips.get("h100")
+    with pytest.raises(ValueError, match="matmul_efficiency"):
+        h100.replace(matmul_efficiency=1.5)
+    with pytest.raises(ValueError, match="hbm_efficiency"):
+        h100.replace(hbm_efficiency=0.0)
+    faster = h100.replace(hbm_efficiency=0.9)
+    assert faster.sources["hbm_efficiency"] == "user override"
+    assert h100.hbm_efficiency == chips.HOPPER_FIT["hbm_efficiency"]
+    fields = [row[0] for row in h100.describe_rows()]
+    assert {"matmul_efficiency", "hbm_efficiency", "collective_efficiency"} <= set(fields)
