@@ -13,9 +13,11 @@ from types import ModuleType
 from typing import Any
 
 from lowering.ir import Module
-from lowering.passes import attention, canonicalize, fusion, partition, precision, tiling
+from lowering.passes import (attention, canonicalize, fusion, inplace, partition, precision,
+                             prologue, tiling)
 
-PASSES: tuple[ModuleType, ...] = (canonicalize, partition, attention, precision, fusion, tiling)
+PASSES: tuple[ModuleType, ...] = (canonicalize, partition, attention, precision, fusion, prologue,
+                                  tiling, inplace)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +31,7 @@ class PassContext:
     mesh: Any = None
     in_specs: Any = None
     out_specs: Any = None
+    donated: frozenset = frozenset()  # flat indices of donated parameters
 
 
 def pass_name(p: ModuleType) -> str:

@@ -149,7 +149,7 @@ class Lowered:
     def optimize(self) -> tuple[Module, MemoryPlan]:
         """Run the pass pipeline and plan HBM; no numerics, nothing allocated."""
         ctx = PassContext(chip=self.chip, precision=self.precision, mesh=self.mesh,
-                          in_specs=self.in_specs, out_specs=self.out_specs)
+                          in_specs=self.in_specs, out_specs=self.out_specs, donated=self.donated)
         module = run_passes(self.module, ctx)
         return module, plan_memory(module, self.donated)
 

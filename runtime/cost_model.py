@@ -38,22 +38,28 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from lowering.ir import Module, Op
+from lowering.ir import Module, Op, Value
 from lowering.op_kinds import KIND_CATEGORY, NO_KERNEL
 from lowering.regions import REGION_KINDS
+from lowering.kernels import is_scalar, is_view
 from mtia_jax.chips import ChipSpec
 from runtime.collectives import collective_time
-from runtime.op_work import work_of
+from runtime.op_work import ACCESS_GRANULE_BYTES, operand_reads, result_writes, work_of
 from runtime.schedule import schedule
 
 
 def category(op: Op) -> str:
     """The kind of kernel ``op`` is: a ``lowering.op_kinds`` category, "fused"
-    for a fused kernel, or "region" for control flow (scan, while, cond)."""
-    if op.kind == "fused_kernel":
-        return "fused"
+    for a fused kernel, "region" for control flow (scan, while, cond), or
+    no kernel: "view" or "scalar" (``lowering.kernels``)."""
     if op.kind in REGION_KINDS:
         return "region"
+    if is_view(op):
+        return "view"
+    if is_scalar(op):
+        return "scalar"
+    if op.kind == "fused_kernel":
+        return "fused"
     try:
         return KIND_CATEGORY[op.kind]
     except KeyError:
@@ -62,7 +68,7 @@ def category(op: Op) -> str:
 
 
 def is_kernel(op: Op) -> bool:
-    return category(op) not in NO_KERNEL | {"region"}
+    return category(op) not in NO_KERNEL | {"region", "scalar"}
 
 
 def _is_immediate(value) -> bool:
@@ -158,15 +164,62 @@ def _engine_times(works, chip: ChipSpec, efficiency: float) -> dict[str, float]:
     return per_engine
 
 
+def _fused_reads(op: Op) -> tuple[float, ...]:
+    """Bytes a fused kernel reads of each of its operands: what its inner ops
+    touch of it (a slice its window; views pass the question on to their
+    readers), at most the operand once."""
+    body = op.regions["body"]
+    readers: dict = {}
+    for inner in body.ops:
+        for v in inner.operands:
+            readers.setdefault(v, []).append(inner)
+    escaping = set(body.outputs)
+
+    def touched(v) -> float:
+        if v in escaping:
+            return float(v.type.nbytes)
+        total = 0.0
+        for inner in readers.get(v, ()):
+            if is_view(inner):
+                total += sum(touched(r) for r in inner.results)
+            else:
+                reads = operand_reads(inner, work_of(inner))
+                total += sum(r for u, r in zip(inner.operands, reads) if u is v)
+        return min(total, float(v.type.nbytes))
+
+    return tuple(0.0 if v.type.size == 1 else touched(p) for v, p in zip(op.operands, body.params))
+
+
+def _fused_writes(op: Op) -> float:
+    """Bytes a fused kernel writes: each result whole, but for an update in
+    place (only its rows)."""
+    producers = op.regions["body"].producers()
+    total = 0.0
+    for out in op.regions["body"].outputs:
+        if out.type.size == 1:
+            continue
+        inner = producers.get(out)
+        work = work_of(inner) if inner is not None and len(inner.results) == 1 else None
+        total += work.writes if work is not None and work.writes is not None else out.type.nbytes
+    return total
+
+
+def kernel_reads_writes(op: Op) -> tuple[tuple[float, ...], float]:
+    """(bytes read from each operand, bytes written) of one execution of the kernel ``op``."""
+    if op.kind == "fused_kernel":
+        return _fused_reads(op), _fused_writes(op)
+    work = work_of(op)
+    return operand_reads(op, work), result_writes(op, work)
+
+
 def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
     """One execution of ``op`` on ``chip``."""
-    io = (*op.operands, *op.results)
     fused = op.kind == "fused_kernel"
     works = [work_of(inner) for inner in op.regions["body"].ops] if fused else [work_of(op)]
-    accessed = float(sum(v.type.nbytes for v in io))
-    hbm = float(sum(v.type.nbytes for v in io if not _is_immediate(v)))
-    if not fused and works[0].hbm_bytes is not None:
-        accessed = hbm = float(works[0].hbm_bytes)
+    reads, writes = kernel_reads_writes(op)
+    hbm = float(sum(reads)) + writes
+    immediates = float(sum(v.type.nbytes for v in (*op.operands, *op.results) if _is_immediate(v)))
+    accessed = hbm + immediates
     hbm += sum(w.bytes_saved_by_unit for w in works if w.unit not in chip.units)
     tile = op.attrs.get("tile")  # chosen by lowering.passes.tiling
     efficiency = tile.efficiency if tile is not None else 1.0
@@ -197,14 +250,21 @@ def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
         # modeled (it depends on the host CPU, not the chip).
         transfer = accessed / chip.host_link_bandwidth + 2 * chip.host_link_latency_s
         return KernelCost(**{**common, "stream": "host"}, compute_s=0.0, hbm_s=transfer)
-    # scattered rows move at a fraction of the streaming bandwidth
-    scattered = sum(w.random_access_bytes for w in works)
-    hbm_time = ((hbm + scattered * (1 / chip.hbm_random_access_efficiency - 1))
-                / (chip.hbm_bandwidth * chip.hbm_efficiency))
+    # a scattered access pays the DRAM overhead of a row activation: with
+    # efficiency e for one-granule reads, (1/e - 1) granules' worth of time
+    accesses = sum(w.random_accesses for w in works)
+    overhead = accesses * ACCESS_GRANULE_BYTES * (1 / chip.hbm_random_access_efficiency - 1)
+    hbm_time = (hbm + overhead) / (chip.hbm_bandwidth * chip.hbm_efficiency)
     return KernelCost(**common, compute_s=max(busy.values()), hbm_s=hbm_time)
 
 
 # ------------------------------------------------------------ region ops
+
+def _copy_of(op: Op, index: int) -> Op:
+    """The copy a loop makes of operand ``index`` before its first trip."""
+    value = op.operands[index]
+    return Op("copy", [value], [Value(value.type)], {}, op.source)
+
 
 class _Walk:
     """Collects the kernels of a module and its regions, with multiplicities."""
@@ -219,6 +279,9 @@ class _Walk:
         for i, op in enumerate(module.ops):
             path = f"{prefix}{i}"
             if category(op) == "region":
+                for index in op.attrs.get("copied_carries", ()):  # see lowering.passes.inplace
+                    self.kernels.append(kernel_cost(_copy_of(op, index), f"{path}/copy{index}",
+                                                    self.chip).times(executions))
                 for name, n in REGION_EXECUTIONS[op.kind](self, op, executions, path).items():
                     if n > 0:
                         self.module(op.regions[name], n, f"{path}/{name}/")

@@ -23,6 +23,7 @@ from jax import lax
 from lowering.ir import Module, Op, Value
 from mtia_jax import config
 from runtime import spmd
+from lowering.kernels import is_scalar
 from runtime.cost_model import is_kernel
 
 Counts = dict[str, Any]  # while-op path -> int32 total trips
@@ -262,7 +263,7 @@ class EagerExecutor:
                     self._check(op, here, args, outs, checks)
             else:
                 outs, inner = emit_op(op, args), {}
-                if checks and is_kernel(op):
+                if checks and (is_kernel(op) or is_scalar(op)):
                     self._check(op, here, args, outs, checks)
             counts.update(inner)
             env.update(zip(op.results, outs, strict=True))

@@ -86,7 +86,7 @@ class MemoryPlan:
 def _in_place(op) -> bool:
     """Kernels that may write their result over an operand that dies with them."""
     kind = category(op)
-    return kind in ("elementwise", "transcendental") or op.kind == "dynamic_update_slice" or (
+    return kind in ("elementwise", "transcendental") or op.attrs.get("in_place", False) or (
         kind == "fused" and op.attrs.get("pattern") == "elementwise")
 
 

@@ -42,7 +42,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from lowering.ir import Op, is_extended
+from lowering.ir import Op, TensorType, is_extended
 from lowering.op_kinds import KIND_CATEGORY
 
 
@@ -54,17 +54,43 @@ class OpWork:
     transcendentals: float = 0.0  # on the special-function unit (vector rate)
     engine: str = "vector"  # "matrix", "vector", or "host" (runs on the host CPU)
     dtype: Any = None       # compute dtype or MX format name, for the engine's peak
-    # HBM bytes when they differ from the op's operands + results (packed MX
-    # data, only the experts that receive tokens, rows gathered at random)
-    hbm_bytes: float | None = None
+    # Bytes by touch. ``reads``: the HBM bytes read from each operand, in
+    # operand order (None: every operand whole; a scalar operand is an
+    # immediate and reads nothing). ``writes``: the bytes written (None:
+    # every result whole). They differ from the operand and result sizes
+    # for windows (a slice reads its window), gathered rows, in-place
+    # updates (only the rows written), packed MX data and the experts that
+    # receive tokens.
+    reads: tuple[float, ...] | None = None
+    writes: float | None = None
     # a dedicated unit (``ChipSpec.units``) that runs this op: on a chip that
     # has it, the op's special-function work runs inside the unit alongside the
     # matrix engine and ``bytes_saved_by_unit`` are not moved
     unit: str | None = None
     bytes_saved_by_unit: float = 0.0
-    # the part of the HBM bytes read as scattered rows (embedding lookups):
-    # timed at ``ChipSpec.hbm_random_access_efficiency`` of the bandwidth
-    random_access_bytes: float = 0.0
+    # scattered row accesses among the reads and writes (gathers, embedding
+    # lookups, scatters): each pays one DRAM access overhead on top of its
+    # bytes (``ChipSpec.hbm_random_access_efficiency``)
+    random_accesses: float = 0.0
+
+
+def operand_reads(op: Op, work: OpWork) -> tuple[float, ...]:
+    """HBM bytes ``op`` reads from each of its operands (scalars: immediates)."""
+    reads = work.reads if work.reads is not None else (v.type.nbytes for v in op.operands)
+    return tuple(0.0 if v.type.size == 1 else float(r) for v, r in zip(op.operands, reads, strict=True))
+
+
+def result_writes(op: Op, work: OpWork) -> float:
+    """HBM bytes ``op`` writes."""
+    if work.writes is not None:
+        return float(work.writes)
+    return float(sum(r.type.nbytes for r in op.results if r.type.size != 1))
+
+
+def hbm_bytes(op: Op) -> float:
+    """HBM bytes one execution of the (unfused) op ``op`` reads and writes."""
+    work = work_of(op)
+    return float(sum(operand_reads(op, work))) + result_writes(op, work)
 
 
 def _compute_dtype(dtype) -> np.dtype:
@@ -153,19 +179,92 @@ def _log2_ceil(n: int) -> int:
     return max(int(n) - 1, 0).bit_length()
 
 
+# assumption: the DRAM access granule of a random read. HBM3 and LPDDR5 move
+# 32-byte bursts (a pseudo-channel / x16 channel with burst length 8 / 16);
+# memory controllers and on-chip caches commonly fetch 64-byte lines, so a
+# scattered run of bytes costs whole 64-byte granules. Not published for MTIA.
+ACCESS_GRANULE_BYTES = 64
+
+
+def granules(nbytes: float) -> float:
+    """Bytes a random access of ``nbytes`` contiguous bytes moves: whole granules."""
+    return math.ceil(nbytes / ACCESS_GRANULE_BYTES) * ACCESS_GRANULE_BYTES
+
+
+def _runs(shape: tuple[int, ...], window: tuple[int, ...]) -> tuple[int, int]:
+    """(contiguous runs, elements per run) of a ``window`` of a row-major
+    array of ``shape``: the innermost dimensions taken whole, with the first
+    dimension the window cuts, form one run."""
+    cut = max((d for d, w in enumerate(window) if w != shape[d]), default=-1)
+    if cut < 0:
+        return 1, _size(shape)
+    return _size(window[:cut]), _size(window[cut:])
+
+
+def scattered_bytes(operand: TensorType, windows: int, window: tuple[int, ...]) -> tuple[float, float]:
+    """(HBM bytes, random accesses) of reading or writing ``windows`` windows
+    of ``operand`` at data-dependent places: each contiguous run of a window
+    costs whole access granules and one random access; a gather that would
+    move more than the whole operand streams the operand instead."""
+    runs, run_elements = _runs(operand.shape, window)
+    itemsize = operand.nbytes / max(operand.size, 1)
+    moved = windows * runs * granules(run_elements * itemsize)
+    if moved >= operand.nbytes:
+        return float(operand.nbytes), 0.0
+    return float(moved), float(windows * runs)
+
+
 def _gather_work(op: Op) -> OpWork:
-    return OpWork(dtype=_operand_dtype(op))
+    # reads the gathered slices (rows of an embedding table, say), not the operand
+    operand, indices = op.operands[0].type, op.operands[1].type
+    window = tuple(op.params["slice_sizes"])
+    windows = op.results[0].type.size // max(_size(window), 1)
+    nbytes, accesses = scattered_bytes(operand, windows, window)
+    return OpWork(dtype=_operand_dtype(op), reads=(nbytes, float(indices.nbytes)),
+                  random_accesses=accesses)
+
+
+def _scatter_window(op: Op) -> tuple[int, tuple[int, ...]]:
+    """(number of update windows, window shape in the operand's dimensions)."""
+    operand, updates = op.operands[0].type, op.operands[2].type
+    dn = op.params["dimension_numbers"]
+    inserted = {*dn.inserted_window_dims, *getattr(dn, "operand_batching_dims", ())}
+    sizes = iter(updates.shape[d] for d in dn.update_window_dims)
+    window = tuple(1 if d in inserted else next(sizes, 1) for d in range(len(operand.shape)))
+    return updates.size // max(_size(window), 1), window
+
+
+def in_place(op: Op) -> bool:
+    """Whether an update op (dynamic_update_slice, scatter) writes into its
+    operand's buffer: decided by ``lowering.passes.inplace`` (an operand
+    still needed afterwards, or a caller's buffer that was not donated, is
+    copied first)."""
+    return bool(op.attrs.get("in_place", False))
 
 
 def _scatter_work(op: Op) -> OpWork:
-    updates = op.operands[2].type.size
+    operand, indices, updates = (v.type for v in op.operands[:3])
     jaxpr = op.params.get("update_jaxpr")
     if op.kind == "scatter":
         flops, transcendentals = _jaxpr_work(jaxpr) if jaxpr is not None else (0, 0)
     else:  # scatter-add, -sub, -mul, -min, -max: one combine per update element
         flops, transcendentals = 1, 0
-    return OpWork(flops=updates * flops, transcendentals=updates * transcendentals,
-                  dtype=_operand_dtype(op))
+    windows, window = _scatter_window(op)
+    written, accesses = scattered_bytes(operand, windows, window)
+    # a combining scatter reads the rows it updates; a plain one overwrites them
+    old = written if op.kind != "scatter" else 0.0
+    copy = 0.0 if in_place(op) else float(operand.nbytes)
+    return OpWork(flops=updates.size * flops, transcendentals=updates.size * transcendentals,
+                  dtype=_operand_dtype(op),
+                  reads=(copy + old, float(indices.nbytes), float(updates.nbytes)),
+                  writes=copy + written, random_accesses=accesses * (2 if old else 1))
+
+
+def _slice_work(op: Op) -> OpWork:
+    # a window that is not one contiguous run (views are the others): read
+    # the window, write it
+    window = float(op.results[0].type.nbytes)
+    return OpWork(reads=(window, *(0.0 for _ in op.operands[1:])))
 
 
 def _window_size(op: Op) -> int:
@@ -327,16 +426,21 @@ def _random_gamma_work(op: Op) -> OpWork:
                   dtype=_compute_dtype(op.results[0].type.dtype))
 
 
-# op kind -> rule, for kinds whose work differs from their category's rule
 def _dynamic_update_slice_work(op: Op) -> OpWork:
-    # done in place (as XLA does): only the update is read and written, the
-    # rest of the operand (a KV cache, say) stays where it is
-    update = op.operands[1].type.nbytes
-    return OpWork(hbm_bytes=2.0 * update + sum(v.type.nbytes for v in op.operands[2:]))
+    # in place (as XLA does when it may): only the update is read and
+    # written, the rest of the operand (a KV cache, say) stays where it is;
+    # otherwise the operand is copied around the update
+    operand, update = op.operands[0].type, op.operands[1].type
+    rest = 0.0 if in_place(op) else float(operand.nbytes - update.nbytes)
+    return OpWork(reads=(rest, float(update.nbytes), *(0.0 for _ in op.operands[2:])),
+                  writes=rest + update.nbytes)
 
 
+# op kind -> rule, for kinds whose work differs from their category's rule
 KIND_RULES: dict[str, Callable[[Op], OpWork]] = {
     "dynamic_update_slice": _dynamic_update_slice_work,
+    "slice": _slice_work,
+    "dynamic_slice": _slice_work,
     "reduce": _generic_reduce_work,
     "reduce_window": _generic_reduce_window_work,
     "select_and_scatter_add": _select_and_scatter_add_work,

@@ -126,8 +126,8 @@ def test_peak_hbm_counts_live_buffers_and_reuses_dead_ones_in_place():
 
 def test_hbm_overflow_lists_the_five_largest_live_buffers_with_source_lines():
     def f(x):
-        a = x * 2.0   # 1
-        b = a + x     # 2
+        a = x @ x     # 1
+        b = a @ x     # 2
         c = jnp.tanh(b) @ a  # 3, 4
         return c + b + a
 
@@ -161,9 +161,22 @@ def test_dynamic_update_slice_is_in_place():
     cache = jax.ShapeDtypeStruct((64, 2048, 8, 128), jnp.bfloat16)
     new = jax.ShapeDtypeStruct((64, 1, 8, 128), jnp.bfloat16)
     f = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=1)
-    compiled = mtia_jax.jit(f, donate_argnums=0).lower(cache, new, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+    index = jax.ShapeDtypeStruct((), jnp.int32)
+    compiled = mtia_jax.jit(f, donate_argnums=0).lower(cache, new, index).compile()
     (kernel,) = [k for k in compiled.cost.kernels if k.kind == "dynamic_update_slice"]
-    assert kernel.hbm_bytes == 2 * 64 * 8 * 128 * 2 + 4 * 4  # update in and out, four scalar indices
+    assert kernel.hbm_bytes == 2 * 64 * 8 * 128 * 2  # update in and out; the indices are immediates
+    assert "in_place=True" in compiled.as_text()
     cache_and_update = 64 * 2048 * 8 * 128 * 2 + 64 * 8 * 128 * 2
     # no second copy of the cache (only a few scalar bytes beside it)
     assert 0 <= compiled.cost_analysis()["peak_hbm_bytes"] - cache_and_update < 64
+
+
+def test_dynamic_update_slice_of_a_buffer_the_caller_keeps_copies_it():
+    cache = jax.ShapeDtypeStruct((64, 2048, 8, 128), jnp.bfloat16)
+    new = jax.ShapeDtypeStruct((64, 1, 8, 128), jnp.bfloat16)
+    f = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=1)
+    compiled = mtia_jax.jit(f).lower(cache, new, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+    (kernel,) = [k for k in compiled.cost.kernels if k.kind == "dynamic_update_slice"]
+    # not donated: the rest of the cache is read and written around the update
+    assert kernel.hbm_bytes == 2 * 64 * 2048 * 8 * 128 * 2
+    assert "in_place=False" in compiled.as_text()

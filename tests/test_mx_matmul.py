@@ -12,7 +12,7 @@ from mtia_jax import chips, mx
 from mtia_jax.primitives.mx_matmul import mx_matmul, mx_matmul_p
 from lowering.passes import precision as precision_pass
 from runtime.cost_model import kernel_cost
-from runtime.op_work import work_of
+from runtime.op_work import hbm_bytes, work_of
 
 try:  # tests/ as a package or as a plain directory on sys.path
     from . import mx_reference as ref
@@ -290,14 +290,14 @@ def test_work_counts_flops_and_packed_bytes_by_hand(prequantized):
     assert work.flops == 2 * M * N * K and work.engine == "matrix"
     a_bytes = M * K * 1 + M * (K // 32)                 # mx8: 1 B/element + a scale byte per 32
     b_bytes = K * N // 2 + (K // 32) * N                # mx4: 0.5 B/element
-    assert work.hbm_bytes == a_bytes + b_bytes + M * N * 4
+    assert hbm_bytes(op) == a_bytes + b_bytes + M * N * 4
     assert work.dtype == "mx8" and work.unit == "mx_matmul"
 
 
 def test_unquantized_operand_is_charged_at_its_dtype_size_and_rate():
     op = _decode_op(None, "mx6")
     work = work_of(op)
-    assert work.hbm_bytes == M * K * 2 + K * N * 6 // 8 + (K // 32) * N + M * N * 4
+    assert hbm_bytes(op) == M * K * 2 + K * N * 6 // 8 + (K // 32) * N + M * N * 4
     assert work.dtype == "bf16"  # the wider operand sets the rate
 
 
@@ -317,7 +317,7 @@ def test_kernel_time_uses_the_rate_of_the_slower_operand_class(chip_name, a_fmt,
     # at the chip's achievable fractions of peak (h100: fitted, docs/validation.md)
     assert cost.compute_s == pytest.approx(
         work.flops / (chip.peak_flops[rate_class] * chip.matmul_efficiency), rel=1e-12)
-    assert cost.hbm_s == pytest.approx(work.hbm_bytes / (chip.hbm_bandwidth * chip.hbm_efficiency),
+    assert cost.hbm_s == pytest.approx(hbm_bytes(op) / (chip.hbm_bandwidth * chip.hbm_efficiency),
                                        rel=1e-12)
     assert cost.time_s == pytest.approx(max(cost.compute_s, cost.hbm_s) + chip.kernel_launch_s)
 
@@ -327,11 +327,11 @@ def test_tiling_sees_packed_operands():
     shape = precision_pass.mx_matmul_gemm_shape(op)
     work = work_of(op)
     assert (shape.batch, shape.m, shape.n, shape.k) == (1, M, N, K)
-    assert shape.lhs_bytes + shape.rhs_bytes + shape.out_bytes == work.hbm_bytes
+    assert shape.lhs_bytes + shape.rhs_bytes + shape.out_bytes == hbm_bytes(op)
     assert chips.get("mtia450").matmul_peak(shape.dtype) == chips.get("mtia450").peak_flops["mx8"]
     compiled = mtia_jax.jit(lambda a, w: mx_matmul(a, w, a_format="mx8", b_format="mx4"),
                             chip="mtia450").lower(jax.ShapeDtypeStruct((M, K), jnp.bfloat16),
                                                   jax.ShapeDtypeStruct((K, N), jnp.bfloat16)).compile()
     (kernel,) = compiled.cost.kernels
     tile = compiled.module.ops[0].attrs["tile"]
-    assert kernel.hbm_bytes == work.hbm_bytes + tile.extra_hbm_bytes
+    assert kernel.hbm_bytes == hbm_bytes(op) + tile.extra_hbm_bytes

@@ -30,7 +30,7 @@ ARGS = (jnp.ones((32, 64)), jnp.ones((64, 128)), jnp.ones((128, 16)))
 
 
 def countdown(n, x):
-    return lax.while_loop(lambda s: s[0] > 0, lambda s: (s[0] - 1, jnp.sin(s[1])), (n, x))[1]
+    return lax.while_loop(lambda s: s[0] > 0, lambda s: (s[0] - 1, jnp.sin(s[1])), (n, x))[1] * 2.0
 
 
 def _load(path):

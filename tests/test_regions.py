@@ -33,11 +33,11 @@ def collatz_steps(n):
     def cond(state):
         return state[0] != 1
 
-    def body(state):
-        v, steps = state
-        return jnp.where(v % 2 == 0, v // 2, 3 * v + 1), steps + 1
+    def body(state):  # the scalar state runs on the control core, the vector in a kernel
+        v, steps, x = state
+        return jnp.where(v % 2 == 0, v // 2, 3 * v + 1), steps + 1, jnp.sin(x)
 
-    return lax.while_loop(cond, body, (n, 0))[1]
+    return lax.while_loop(cond, body, (n, 0, jnp.ones(256)))[1]
 
 
 def nested(x, n):
@@ -140,7 +140,7 @@ def test_region_bodies_are_separate_modules():
     module = from_jaxpr.import_closed_jaxpr(closed)
     (loop,) = [op for op in module.ops if op.kind == "while"]
     assert set(loop.regions) == {"cond", "body"}
-    assert len(loop.regions["body"].params) == 2
+    assert len(loop.regions["body"].params) == 3  # the carried (v, steps, x)
 
 
 def test_compiles_inside_an_outer_jax_trace():

@@ -246,11 +246,12 @@ def test_calls_on_other_chips_land_on_their_own_device():
 
 
 def collatz_steps(n):
+    # the scalar state runs on the control core; the vector is each trip's kernel
     def body(state):
-        v, steps = state
-        return jnp.where(v % 2 == 0, v // 2, 3 * v + 1), steps + 1
+        v, steps, x = state
+        return jnp.where(v % 2 == 0, v // 2, 3 * v + 1), steps + 1, jnp.sin(x)
 
-    return lax.while_loop(lambda s: s[0] != 1, body, (n, 0))[1]
+    return lax.while_loop(lambda s: s[0] != 1, body, (n, 0, jnp.ones(256)))[1]
 
 
 def test_while_loop_calls_are_charged_their_measured_trip_counts_when_read():

@@ -23,6 +23,7 @@ import mtia_jax  # noqa: E402
 from mtia_jax import chips  # noqa: E402
 from runtime.collectives import collective_time  # noqa: E402
 from runtime.cost_model import program_cost  # noqa: E402
+from kernels import kernels_with
 
 TINY = programs.LLAMA_CONFIGS["tiny"]
 OTHER = {"matmul_efficiency": 0.5, "hbm_efficiency": 0.7, "collective_efficiency": 0.4,
@@ -155,7 +156,7 @@ def test_closed_form_equals_the_cost_model_at_other_constants(which):
 
 def test_fp8_kv_cache_is_read_at_one_byte_per_element():
     decode = _tiny_reports()[0]
-    attn = [k for k in decode.cost.kernels if k.kind == "flash_attention"]
+    attn = kernels_with(decode.cost.kernels, "flash_attention")
     assert attn
     dh = TINY["d_model"] // TINY["heads"]
     # per device: K and V of (L x B x S x KV/2 x Dh) FP8 elements, plus q and the output

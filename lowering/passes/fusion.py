@@ -8,6 +8,9 @@ Three patterns, grown greedily in program order:
 - epilogues into matmuls: elementwise consumers of a contraction's result
   (bias, activation, scaling) join the contraction's kernel.
 
+Scalar arithmetic (``lowering.kernels.is_scalar``) joins no group: it
+computes kernel arguments outside kernels.
+
 A ``fused_kernel`` op's operands are the group's external inputs and its
 results the values used outside the group; its ``body`` region holds the
 original ops in order, so host numerics are unchanged. The cost model charges
@@ -28,6 +31,7 @@ import dataclasses
 import itertools
 
 from lowering.ir import Module, Op, Value
+from lowering.kernels import is_scalar
 from lowering.op_kinds import KIND_CATEGORY
 from lowering.passes import dce
 from lowering.regions import REGION_KINDS
@@ -52,7 +56,7 @@ JOIN = {
 
 
 def _role(op: Op) -> str | None:
-    if op.regions:
+    if op.regions or is_scalar(op):  # scalar arithmetic runs outside kernels
         return None
     return ROLE_BY_KIND.get(op.kind) or ROLE_BY_CATEGORY.get(KIND_CATEGORY.get(op.kind, ""))
 
@@ -161,14 +165,18 @@ class _Fuser:
         return dce.run(dataclasses.replace(self.module, ops=ops))
 
 
+def summary(ops) -> str:
+    """The ``ops`` attribute of a fused kernel: its ops' kinds, views left out."""
+    return "+".join(op.kind for op in ops if KIND_CATEGORY.get(op.kind) != "view")
+
+
 def _fused_op(group: _Group, escaping: set[Value]) -> Op:
     if len(group.ops) == 1:
         return group.ops[0]
     inputs = list(dict.fromkeys(v for op in group.ops for v in op.operands if v not in group.values))
     outputs = [r for op in group.ops for r in op.results if r in escaping]
     body = Module(f"fused_{group.pattern}", inputs, list(group.ops), outputs)
-    summary = "+".join(op.kind for op in group.ops if KIND_CATEGORY.get(op.kind) != "view")
-    return Op("fused_kernel", inputs, outputs, {"pattern": group.pattern, "ops": summary},
+    return Op("fused_kernel", inputs, outputs, {"pattern": group.pattern, "ops": summary(group.ops)},
               group.ops[-1].source, regions={"body": body})
 
 

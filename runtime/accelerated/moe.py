@@ -77,16 +77,14 @@ def _moe_ffn_work(op) -> OpWork:
     e, _, f = w_gate.shape
     k = op.params["top_k"]
     slots = t * k
-    per_expert_weight_bytes = (w_gate.nbytes + w_up.nbytes + w_down.nbytes) / e
-    hbm = (x.nbytes + logits.nbytes + out.nbytes
-           + expected_experts_hit(t, e, k) * per_expert_weight_bytes)
+    hit = expected_experts_hit(t, e, k) / e  # the fraction of each weight read
     return OpWork(
         flops=2 * 3 * slots * d * f + EPILOGUE_FLOPS_PER_HIDDEN * slots * f
         + COMBINE_FLOPS_PER_ELEMENT * slots * d,
         transcendentals=slots * f + slots,
         engine="matrix",
         dtype=np.result_type(x.dtype, w_gate.dtype, w_up.dtype, w_down.dtype),
-        hbm_bytes=hbm,
+        reads=(x.nbytes, logits.nbytes, hit * w_gate.nbytes, hit * w_up.nbytes, hit * w_down.nbytes),
         unit="moe_ffn",
         bytes_saved_by_unit=DISPATCH_COMBINE_PASSES * slots * d * out.dtype.itemsize,
     )
@@ -97,7 +95,7 @@ def _moe_dispatch_work(op) -> OpWork:
     out = op.results[0].type
     t, d = x.shape
     routed = t * op.params["top_k"] * d * out.dtype.itemsize
-    return OpWork(dtype=out.dtype, hbm_bytes=x.nbytes + logits.nbytes + routed)
+    return OpWork(dtype=out.dtype, writes=routed)
 
 
 def _moe_experts_work(op) -> OpWork:
@@ -107,14 +105,15 @@ def _moe_experts_work(op) -> OpWork:
     f = w_gate.shape[2]
     k, e = op.attrs["top_k"], op.attrs["experts"]
     slots = local * received * k / e  # the routed rows among those received, balanced
-    per_expert_weight_bytes = (w_gate.nbytes + w_up.nbytes + w_down.nbytes) / local
-    hit = expected_experts_hit(received, e, k) * local / e
+    hit = expected_experts_hit(received, e, k) / e  # the fraction of each local weight read
     return OpWork(
         flops=2 * 3 * slots * d * f + EPILOGUE_FLOPS_PER_HIDDEN * slots * f,
         transcendentals=slots * f,
         engine="matrix",
         dtype=np.result_type(rows.dtype, w_gate.dtype, w_up.dtype, w_down.dtype),
-        hbm_bytes=slots * d * (rows.dtype.itemsize + out.dtype.itemsize) + hit * per_expert_weight_bytes,
+        reads=(slots * d * rows.dtype.itemsize, hit * w_gate.nbytes, hit * w_up.nbytes,
+               hit * w_down.nbytes),
+        writes=slots * d * out.dtype.itemsize,
         unit="moe_ffn",
     )
 
@@ -128,7 +127,7 @@ def _moe_combine_work(op) -> OpWork:
         flops=COMBINE_FLOPS_PER_ELEMENT * slots * d,
         transcendentals=slots,
         dtype=returned.dtype,
-        hbm_bytes=slots * d * returned.dtype.itemsize + logits.nbytes + out.nbytes,
+        reads=(slots * d * returned.dtype.itemsize, logits.nbytes),
         unit="moe_ffn",
     )
 

@@ -59,9 +59,14 @@ def mx_matmul_work(op: Op) -> OpWork:
     out = op.results[0].type
     flops = 2.0 * out.size * a.shape[-1]
     cls = pair_class(operand_class(a_fmt, a.dtype), operand_class(b_fmt, b.dtype))
-    bs = op.params["block_size"]
-    hbm = _bytes(a, a_fmt, a_k, bs) + _bytes(b, b_fmt, b_k, bs) + out.nbytes
-    return OpWork(flops=flops, engine="matrix", dtype=cls, hbm_bytes=float(hbm), unit=UNIT)
+    p = op.params
+    bs = p["block_size"]
+    na, nb = operand_layout(p)
+    # a pre-quantized operand is two operands (elements, scales): its packed
+    # size (scales included) is charged to the elements
+    a_reads = (_bytes(a, a_fmt, a_k, bs),) + (0.0,) * (na - 1)
+    b_reads = (_bytes(b, b_fmt, b_k, bs),) + (0.0,) * (nb - 1)
+    return OpWork(flops=flops, engine="matrix", dtype=cls, reads=(*a_reads, *b_reads), unit=UNIT)
 
 
 RULES: dict = {"mx_matmul": mx_matmul_work}
