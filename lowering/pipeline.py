@@ -14,10 +14,10 @@ from typing import Any
 
 from lowering.ir import Module
 from lowering.passes import (attention, canonicalize, fusion, inplace, partition, precision,
-                             prologue, tiling)
+                             prologue, tiling, trip_counts)
 
-PASSES: tuple[ModuleType, ...] = (canonicalize, partition, attention, precision, fusion, prologue,
-                                  tiling, inplace)
+PASSES: tuple[ModuleType, ...] = (canonicalize, trip_counts, partition, attention, precision,
+                                  fusion, prologue, tiling, inplace)
 
 
 @dataclasses.dataclass(frozen=True)

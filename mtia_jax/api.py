@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -27,7 +28,7 @@ from lowering.ir import Module
 from lowering.pipeline import PassContext, run_passes
 from mtia_jax import chips as chip_catalogue
 from mtia_jax import config, sharding
-from mtia_jax.errors import HBMCapacityError
+from mtia_jax.errors import HBMCapacityError, UnmeasuredLoopWarning
 from mtia_jax.profiler import Profile
 from mtia_jax.precision import resolve as resolve_precision
 from runtime.cost_model import ProgramCost, program_cost
@@ -185,6 +186,7 @@ class Compiled:
         self._static_cost = program_cost(module, chip)
         self._costs: dict[tuple, ProgramCost] = {}  # trip counts -> cost
         self._trip_counts = None  # while-loop trip counts of the last call (device arrays)
+        self._warned_unmeasured = False
         self._executor = executor
         self.in_tree = in_tree
         self.out_tree = out_tree
@@ -294,6 +296,12 @@ class Compiled:
         """
         cost = self.cost
         time = cost.time_s
+        if cost.assumed_loops and not self._warned_unmeasured:
+            self._warned_unmeasured = True
+            warnings.warn(f"mtia_jax: {len(cost.assumed_loops)} while loop(s) with a data-dependent "
+                          f"trip count have not run yet and are modeled at 1 trip per execution: "
+                          f"{', '.join(cost.assumed_loops)}. Call the compiled function once to "
+                          f"measure them.", UnmeasuredLoopWarning, stacklevel=2)
         return {
             "flops": cost.total("flops"),
             "transcendentals": cost.total("transcendentals"),
@@ -306,8 +314,8 @@ class Compiled:
             "kernels": float(len(cost.kernels)),
             "collective_bytes": cost.total("collective_bytes"),
             "collective_time_s": float(sum(k.time_s for k in cost.kernels if k.stream == "network")),
-            # while loops whose trip count is assumed (1 per execution) because
-            # the program has not run yet
+            # while loops whose trip count depends on data and is assumed (1 per
+            # execution) because the program has not run yet (listed in profile())
             "unmeasured_loops": float(len(cost.assumed_loops)),
         }
 

@@ -27,6 +27,12 @@ class MTIAHostFallbackWarning(UserWarning):
     host link is modeled). Raised once per (primitive, user source line)."""
 
 
+class UnmeasuredLoopWarning(UserWarning):
+    """A while loop whose trip count depends on data, was not measured (the
+    program has not run) and was not given (``estimate(..., loop_trips=)``):
+    it is modeled at one trip per execution."""
+
+
 class HBMCapacityError(MemoryError):
     """The program's live buffers do not fit the chip's HBM."""
 

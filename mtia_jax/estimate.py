@@ -14,6 +14,7 @@ rather than refused.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 
@@ -21,6 +22,7 @@ from lowering.ir import Module
 from mtia_jax import api
 from runtime.cost_model import ProgramCost, program_cost
 from runtime.memory import MemoryPlan
+from mtia_jax.errors import UnmeasuredLoopWarning
 from mtia_jax.profiler import Profile
 
 
@@ -86,6 +88,7 @@ class Report:
                 "peak_hbm_bytes": self.peak_hbm_bytes, "hbm_capacity_bytes": self.chip.hbm_bytes,
                 "fits": self.fits, "flops": self.flops, "hbm_bytes": self.hbm_bytes,
                 "collective_time_s": self.collective_time_s, "collective_bytes": self.collective_bytes,
+                "unmeasured_loops": list(self.cost.assumed_loops),
                 "precision": str(self.precision) if self.precision is not None else None,
                 "by_kind": self.breakdown("kind"), "by_bound": self.breakdown("bound")}
 
@@ -129,14 +132,22 @@ def _as_struct(x):
 
 
 def estimate(fun, *args, chip=None, mesh=None, in_shardings=None, out_shardings=None,
-             precision=None, static_argnums=(), static_argnames=(), **kwargs) -> Report:
+             precision=None, static_argnums=(), static_argnames=(), donate_argnums=(),
+             loop_trips=None, **kwargs) -> Report:
     """Model ``fun(*args, **kwargs)`` on ``chip`` from shapes only; see the module doc.
 
     With a mesh (``mesh=`` or ``NamedSharding`` shardings) the program is
-    partitioned and the report is per device, collectives included."""
+    partitioned and the report is per device, collectives included.
+    ``donate_argnums`` as for ``jit``: a donated buffer may be updated in
+    place (a KV cache written one row per sequence). ``loop_trips``: the
+    trips per execution of while loops whose count depends on data (one
+    number for all, or a dict keyed by the loop's source line ``"file.py:12"``,
+    its line number, or its path); loops with a count fixed by the program
+    need none. A loop left without a count is charged one trip per execution,
+    with a warning and a line in ``table()``."""
     jitted = api.jit(fun, chip=chip, precision=precision, static_argnums=static_argnums,
-                     static_argnames=static_argnames, in_shardings=in_shardings,
-                     out_shardings=out_shardings, mesh=mesh)
+                     static_argnames=static_argnames, donate_argnums=donate_argnums,
+                     in_shardings=in_shardings, out_shardings=out_shardings, mesh=mesh)
     statics = jitted._signature
     args = [a if i in statics.static_argnums else jax.tree.map(_as_struct, a)
             for i, a in enumerate(args)]
@@ -144,4 +155,10 @@ def estimate(fun, *args, chip=None, mesh=None, in_shardings=None, out_shardings=
               for k, v in kwargs.items()}
     lowered = jitted.lower(*args, **kwargs)
     module, memory = lowered.optimize()
-    return Report(lowered.chip, module, program_cost(module, lowered.chip), memory, lowered.precision)
+    cost = program_cost(module, lowered.chip, loop_trips=loop_trips)
+    for loop in cost.assumed_loops:
+        warnings.warn(f"mtia_jax.estimate: the while loop at {loop} runs a data-dependent "
+                      f"number of trips; it is modeled at 1 trip per execution. Pass "
+                      f"loop_trips=... (e.g. loop_trips=100) to model it.", UnmeasuredLoopWarning,
+                      stacklevel=2)
+    return Report(lowered.chip, module, cost, memory, lowered.precision)

@@ -139,11 +139,12 @@ class Profile:
     _LEFT = {"kernel", "path", "bound", "source"}
 
     def __init__(self, chip: str, rows: Sequence[ProfileRow], time_s: float,
-                 roofline_time_s: float):
+                 roofline_time_s: float, unmeasured_loops: Sequence[str] = ()):
         self.chip = chip
         self.rows = tuple(rows)
         self.time_s = time_s
         self.roofline_time_s = roofline_time_s
+        self.unmeasured_loops = tuple(unmeasured_loops)
 
     @classmethod
     def from_cost(cls, cost: ProgramCost) -> "Profile":
@@ -154,7 +155,7 @@ class Profile:
                            stream=k.stream)
                 for k in cost.kernels]
         rows.sort(key=lambda r: -r.time_s)  # stable: ties keep program order
-        return cls(cost.chip, rows, total, cost.roofline_time_s)
+        return cls(cost.chip, rows, total, cost.roofline_time_s, cost.assumed_loops)
 
     @property
     def flops(self) -> float:
@@ -193,7 +194,10 @@ class Profile:
             return text.rstrip()
 
         rule = "-" * len(line(["-" * w for w in widths]))
-        return "\n".join([header, line(self.COLUMNS), rule, *map(line, body), rule, line(total)])
+        loops = [f"unmeasured loop (charged 1 trip per execution: run the program, or pass "
+                 f"estimate(..., loop_trips=...)): {loop}" for loop in self.unmeasured_loops]
+        return "\n".join([header, line(self.COLUMNS), rule, *map(line, body), rule, line(total),
+                          *loops])
 
     def __str__(self) -> str:
         return self.table()

@@ -141,7 +141,9 @@ class ProgramCost:
     roofline_time_s: float
     min_hbm_bytes: float
     time_s: float  # makespan of the modeled timeline (streams overlap)
-    assumed_loops: tuple[str, ...] = ()  # while loops whose trip count was not measured
+    # while loops charged one trip per execution: their trip count depends on
+    # data, has not been measured and was not given ("source line [op path]")
+    assumed_loops: tuple[str, ...] = ()
 
     def total(self, field: str) -> float:
         return float(sum(getattr(k, field) for k in self.kernels))
@@ -269,9 +271,10 @@ def _copy_of(op: Op, index: int) -> Op:
 class _Walk:
     """Collects the kernels of a module and its regions, with multiplicities."""
 
-    def __init__(self, chip: ChipSpec, trip_counts: Mapping[str, float]):
+    def __init__(self, chip: ChipSpec, trip_counts: Mapping[str, float], loop_trips=None):
         self.chip = chip
         self.trip_counts = trip_counts
+        self.loop_trips = loop_trips
         self.kernels: list[KernelCost] = []
         self.assumed_loops: list[str] = []
 
@@ -289,7 +292,7 @@ class _Walk:
                 self.kernels.append(kernel_cost(op, path, self.chip).times(executions))
 
     def region_time(self, region: Module, executions: float, prefix: str) -> float:
-        probe = _Walk(self.chip, self.trip_counts)
+        probe = _Walk(self.chip, self.trip_counts, self.loop_trips)
         probe.module(region, executions, prefix)
         return sum(k.time_s for k in probe.kernels)
 
@@ -298,11 +301,34 @@ def _scan_executions(walk: _Walk, op: Op, executions: float, path: str) -> dict[
     return {"body": executions * op.params["length"]}
 
 
+def _given_trips(loop_trips, op: Op, path: str) -> float | None:
+    """Trips per execution the user gave for the loop at ``path``: one number
+    for every data-dependent loop, or a dict keyed by the loop's path or its
+    source line (``"file.py:12"``, or the line number alone)."""
+    if loop_trips is None:
+        return None
+    if not isinstance(loop_trips, Mapping):
+        return float(loop_trips)
+    keys = [path]
+    if op.source is not None:
+        keys += [f"{op.source.file}:{op.source.line}", op.source.line,
+                 f"{op.source.file.rsplit('/', 1)[-1]}:{op.source.line}"]
+    return next((float(loop_trips[k]) for k in keys if k in loop_trips), None)
+
+
 def _while_executions(walk: _Walk, op: Op, executions: float, path: str) -> dict[str, float]:
+    """Trips of a while loop, in order of preference: measured at run time
+    (totals over all executions), fixed by the program
+    (``lowering.passes.trip_counts``), given by the user; else one per
+    execution, and the loop is listed as unmeasured."""
     trips = walk.trip_counts.get(path)
+    if trips is None and "trips" in op.attrs:
+        trips = op.attrs["trips"] * executions
+    if trips is None and (given := _given_trips(walk.loop_trips, op, path)) is not None:
+        trips = given * executions
     if trips is None:
-        walk.assumed_loops.append(path)
-        trips = executions  # one trip per execution until measured
+        walk.assumed_loops.append(f"{op.source} [op {path}]" if op.source else f"op {path}")
+        trips = executions
     return {"cond": trips + executions, "body": trips}
 
 
@@ -321,13 +347,15 @@ REGION_EXECUTIONS: dict[str, Callable[[_Walk, Op, float, str], dict[str, float]]
 
 
 def program_cost(module: Module, chip: ChipSpec,
-                 trip_counts: Mapping[str, float] | None = None) -> ProgramCost:
+                 trip_counts: Mapping[str, float] | None = None, loop_trips=None) -> ProgramCost:
     """Model every kernel of ``module`` on ``chip`` and schedule them on the
     device's streams (``runtime.schedule``).
 
-    ``trip_counts`` maps while-op paths to measured total trip counts.
+    ``trip_counts`` maps while-op paths to measured total trip counts;
+    ``loop_trips`` gives the trips per execution of loops neither measured
+    nor fixed by the program (see ``_given_trips``).
     """
-    walk = _Walk(chip, trip_counts or {})
+    walk = _Walk(chip, trip_counts or {}, loop_trips)
     walk.module(module, 1.0, "")
     kernels, makespan = schedule(module, walk.kernels)
     # Roofline: the physical lower bound. All arithmetic at peak on engines
