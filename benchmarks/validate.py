@@ -239,7 +239,7 @@ class PhaseCost:
             if k.stream == "network":
                 coll.append((op_at(rep.module, k.path), k.count))
             elif k.stream == "host":
-                fixed += k.hbm_s
+                fixed += k.transfer_s
             else:
                 matrix.append(k.matrix_s * chip.matmul_efficiency)
                 vector.append(k.vector_s)

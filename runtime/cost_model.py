@@ -44,7 +44,8 @@ from lowering.regions import REGION_KINDS
 from lowering.kernels import is_scalar, is_view
 from mtia_jax.chips import ChipSpec
 from runtime.collectives import collective_time
-from runtime.op_work import ACCESS_GRANULE_BYTES, operand_reads, result_writes, work_of
+from runtime.op_work import ACCESS_GRANULE_BYTES, kernel_reads_writes, work_of
+from runtime.roofline import floor_bytes
 from runtime.schedule import schedule
 
 
@@ -96,7 +97,7 @@ class KernelCost:
     bytes_accessed: float
     hbm_bytes: float
     compute_s: float
-    hbm_s: float
+    hbm_s: float            # HBM busy time (every stream's kernels read and write HBM)
     launch_s: float
     ideal_matrix_s: float   # matrix-engine time at full PE utilisation (roofline's share)
     ideal_vector_s: float   # vector/SFU time
@@ -105,10 +106,11 @@ class KernelCost:
     start_s: float = 0.0
     stream: str = "compute"  # "compute", "dma", "network" or "host"
     collective_bytes: float = 0.0  # bytes each device sends over the scale-up network
+    transfer_s: float = 0.0  # time on the network or the host link (their streams' kernels)
 
     @property
     def time_s(self) -> float:
-        return max(self.compute_s, self.hbm_s) + self.launch_s
+        return max(self.compute_s, self.hbm_s, self.transfer_s) + self.launch_s
 
     @property
     def bound(self) -> str:
@@ -129,7 +131,7 @@ class KernelCost:
             launch_s=self.launch_s * n, collective_bytes=self.collective_bytes * n,
             ideal_matrix_s=self.ideal_matrix_s * n,
             ideal_vector_s=self.ideal_vector_s * n, matrix_s=self.matrix_s * n,
-            vector_s=self.vector_s * n)
+            vector_s=self.vector_s * n, transfer_s=self.transfer_s * n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,54 +168,6 @@ def _engine_times(works, chip: ChipSpec, efficiency: float) -> dict[str, float]:
     return per_engine
 
 
-def _fused_reads(op: Op) -> tuple[float, ...]:
-    """Bytes a fused kernel reads of each of its operands: what its inner ops
-    touch of it (a slice its window; views pass the question on to their
-    readers), at most the operand once."""
-    body = op.regions["body"]
-    readers: dict = {}
-    for inner in body.ops:
-        for v in inner.operands:
-            readers.setdefault(v, []).append(inner)
-    escaping = set(body.outputs)
-
-    def touched(v) -> float:
-        if v in escaping:
-            return float(v.type.nbytes)
-        total = 0.0
-        for inner in readers.get(v, ()):
-            if is_view(inner):
-                total += sum(touched(r) for r in inner.results)
-            else:
-                reads = operand_reads(inner, work_of(inner))
-                total += sum(r for u, r in zip(inner.operands, reads) if u is v)
-        return min(total, float(v.type.nbytes))
-
-    return tuple(0.0 if v.type.size == 1 else touched(p) for v, p in zip(op.operands, body.params))
-
-
-def _fused_writes(op: Op) -> float:
-    """Bytes a fused kernel writes: each result whole, but for an update in
-    place (only its rows)."""
-    producers = op.regions["body"].producers()
-    total = 0.0
-    for out in op.regions["body"].outputs:
-        if out.type.size == 1:
-            continue
-        inner = producers.get(out)
-        work = work_of(inner) if inner is not None and len(inner.results) == 1 else None
-        total += work.writes if work is not None and work.writes is not None else out.type.nbytes
-    return total
-
-
-def kernel_reads_writes(op: Op) -> tuple[tuple[float, ...], float]:
-    """(bytes read from each operand, bytes written) of one execution of the kernel ``op``."""
-    if op.kind == "fused_kernel":
-        return _fused_reads(op), _fused_writes(op)
-    work = work_of(op)
-    return operand_reads(op, work), result_writes(op, work)
-
-
 def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
     """One execution of ``op`` on ``chip``."""
     fused = op.kind == "fused_kernel"
@@ -242,21 +196,23 @@ def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
                   matrix_s=busy.get("matrix", 0.0), vector_s=busy.get("vector", 0.0))
     if category(op) == "data_movement":
         common["stream"] = "dma"
-    if any(w.engine == "network" for w in works):
-        seconds, _, sent = collective_time(op, chip)
-        return KernelCost(**{**common, "stream": "network", "hbm_bytes": 0.0,
-                             "collective_bytes": sent}, compute_s=0.0, hbm_s=seconds)
-    if host:
-        # No MTIA kernel: operands go to the host over the host link and the
-        # results come back, one latency each way. Host compute time is not
-        # modeled (it depends on the host CPU, not the chip).
-        transfer = accessed / chip.host_link_bandwidth + 2 * chip.host_link_latency_s
-        return KernelCost(**{**common, "stream": "host"}, compute_s=0.0, hbm_s=transfer)
     # a scattered access pays the DRAM overhead of a row activation: with
     # efficiency e for one-granule reads, (1/e - 1) granules' worth of time
     accesses = sum(w.random_accesses for w in works)
     overhead = accesses * ACCESS_GRANULE_BYTES * (1 / chip.hbm_random_access_efficiency - 1)
     hbm_time = (hbm + overhead) / (chip.hbm_bandwidth * chip.hbm_efficiency)
+    if any(w.engine == "network" for w in works):
+        # the send buffer is read from HBM and the receive buffer written to it
+        seconds, _, sent = collective_time(op, chip)
+        return KernelCost(**{**common, "stream": "network", "collective_bytes": sent},
+                          compute_s=0.0, hbm_s=hbm_time, transfer_s=seconds)
+    if host:
+        # No MTIA kernel: operands go to the host over the host link and the
+        # results come back, one latency each way. Host compute time is not
+        # modeled (it depends on the host CPU, not the chip).
+        transfer = accessed / chip.host_link_bandwidth + 2 * chip.host_link_latency_s
+        return KernelCost(**{**common, "stream": "host"}, compute_s=0.0, hbm_s=hbm_time,
+                          transfer_s=transfer)
     return KernelCost(**common, compute_s=max(busy.values()), hbm_s=hbm_time)
 
 
@@ -358,14 +314,11 @@ def program_cost(module: Module, chip: ChipSpec,
     walk = _Walk(chip, trip_counts or {}, loop_trips)
     walk.module(module, 1.0, "")
     kernels, makespan = schedule(module, walk.kernels)
-    # Roofline: the physical lower bound. All arithmetic at peak on engines
-    # working in parallel, and only the program's own inputs and outputs cross
-    # HBM, each exactly once.
+    # Roofline: the physical lower bound (runtime.roofline). All arithmetic at
+    # peak on engines working in parallel; the inputs' touched bytes and the
+    # outputs cross HBM once.
     compute_floor = max(sum(k.ideal_matrix_s for k in kernels), sum(k.ideal_vector_s for k in kernels))
-    io_values = {*module.params, *module.outputs}
-    # (unless the kernels move less: a lookup reads a few rows of a table, MX
-    # weights are read packed)
-    min_bytes = min(float(sum(v.type.nbytes for v in io_values)), sum(k.hbm_bytes for k in kernels))
+    min_bytes = floor_bytes(module)
     roofline = max(compute_floor, min_bytes / chip.hbm_bandwidth)
     return ProgramCost(chip=chip.name, kernels=tuple(kernels), roofline_time_s=roofline,
                        min_hbm_bytes=min_bytes, time_s=makespan,

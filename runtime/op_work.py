@@ -43,6 +43,7 @@ import jax
 import numpy as np
 
 from lowering.ir import Op, TensorType, is_extended
+from lowering.kernels import is_view
 from lowering.op_kinds import KIND_CATEGORY
 
 
@@ -455,6 +456,54 @@ KIND_RULES: dict[str, Callable[[Op], OpWork]] = {
     "rng_bit_generator": _rng_bit_generator_work,
     "random_gamma": _random_gamma_work,
 }
+
+
+def _fused_reads(op: Op) -> tuple[float, ...]:
+    """Bytes a fused kernel reads of each of its operands: what its inner ops
+    touch of it (a slice its window; views pass the question on to their
+    readers), at most the operand once."""
+    body = op.regions["body"]
+    readers: dict = {}
+    for inner in body.ops:
+        for v in inner.operands:
+            readers.setdefault(v, []).append(inner)
+    escaping = set(body.outputs)
+
+    def touched(v) -> float:
+        if v in escaping:
+            return float(v.type.nbytes)
+        total = 0.0
+        for inner in readers.get(v, ()):
+            if is_view(inner):
+                total += sum(touched(r) for r in inner.results)
+            else:
+                reads = operand_reads(inner, work_of(inner))
+                total += sum(r for u, r in zip(inner.operands, reads) if u is v)
+        return min(total, float(v.type.nbytes))
+
+    return tuple(0.0 if v.type.size == 1 else touched(p) for v, p in zip(op.operands, body.params))
+
+
+def _fused_writes(op: Op) -> float:
+    """Bytes a fused kernel writes: each result whole, but for an update in
+    place (only its rows)."""
+    producers = op.regions["body"].producers()
+    total = 0.0
+    for out in op.regions["body"].outputs:
+        if out.type.size == 1:
+            continue
+        inner = producers.get(out)
+        work = work_of(inner) if inner is not None and len(inner.results) == 1 else None
+        total += work.writes if work is not None and work.writes is not None else out.type.nbytes
+    return total
+
+
+def kernel_reads_writes(op: Op) -> tuple[tuple[float, ...], float]:
+    """(bytes read from each operand, bytes written) of one execution of the kernel ``op``."""
+    if op.kind == "fused_kernel":
+        return _fused_reads(op), _fused_writes(op)
+    work = work_of(op)
+    return operand_reads(op, work), result_writes(op, work)
 
 
 @functools.cache

@@ -5,9 +5,10 @@ Streams run concurrently: ``compute`` (matrix engine and vector units),
 gathers of whole slices), ``network`` (collectives) and ``host`` (host
 fallbacks over the host link). Kernels are taken in program order (a
 topological order); each starts when the values it reads are ready and its
-stream is free. HBM bandwidth is shared by all streams: a kernel cannot
-finish before the HBM has moved its bytes after everyone else's that were
-already in flight. The kernels of a region op (a loop body, a cond branch) run
+stream is free. HBM bandwidth is shared by all streams (a collective reads
+its send buffer and writes its receive buffer, a host transfer reads or
+writes HBM on the chip's side): a kernel cannot finish before the HBM has
+moved its bytes after everyone else's that were already in flight. The kernels of a region op (a loop body, a cond branch) run
 one after another as a block. The result is the modeled timeline.
 """
 
@@ -42,9 +43,8 @@ def schedule(module: Module, kernels: Sequence) -> tuple[list, float]:
         for k in by_op.get(index, ()):
             start = max(clock, stream_free[k.stream])
             clock = start + k.time_s
-            if k.stream != "host":  # host transfers use the host link, not HBM bandwidth
-                hbm_free = max(hbm_free, start) + k.hbm_s
-                clock = max(clock, hbm_free)
+            hbm_free = max(hbm_free, start) + k.hbm_s
+            clock = max(clock, hbm_free)
             stream_free[k.stream] = clock
             placed.append(dataclasses.replace(k, start_s=start))
         ready_at.update((r, clock) for r in op.results)

@@ -31,7 +31,7 @@ import operator
 
 import numpy as np
 
-from lowering.ir import Module, Op, Value
+from lowering.ir import Module, Op, Value, is_extended
 from lowering.kernels import is_scalar
 
 # comparison kind -> the same comparison with its operands swapped
@@ -50,9 +50,10 @@ def _known_values(module: Module, known: dict[Value, int]) -> dict[Value, int]:
     known = dict(known)
     for op in module.ops:
         if op.kind == "constant":
-            value = op.attrs["value"]
-            if np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.integer):
-                known[op.results[0]] = int(value)
+            value, t = op.attrs["value"], op.results[0].type
+            if (t.size == 1 and isinstance(t.dtype, np.dtype) and np.issubdtype(t.dtype, np.integer)
+                    and not is_extended(t.dtype)):
+                known[op.results[0]] = int(np.asarray(value).reshape(()))
         elif op.kind in EVAL and is_scalar(op) and all(v in known for v in op.operands):
             known[op.results[0]] = int(EVAL[op.kind](*(known[v] for v in op.operands)))
     return known

@@ -1,0 +1,31 @@
+"""Suite-wide checks.
+
+Physics: every program any test models obeys the floor. The modeled time of
+a program is never below its roofline (``runtime.roofline``: its FLOPs at
+peak, the bytes that must cross HBM over the HBM bandwidth), so that
+``efficiency`` never exceeds one. Each ``ProgramCost`` built while a test
+runs is checked as it is made; a violation fails that test.
+"""
+
+import dataclasses
+
+import pytest
+
+from runtime import cost_model
+
+# relative slack for float rounding in sums of many kernels
+FLOOR_TOLERANCE = 1e-9
+
+
+@dataclasses.dataclass(frozen=True)
+class _CheckedProgramCost(cost_model.ProgramCost):
+    def __post_init__(self):
+        assert self.time_s >= self.roofline_time_s * (1 - FLOOR_TOLERANCE), (
+            f"modeled {self.time_s:.6g} s is below the physical floor {self.roofline_time_s:.6g} s "
+            f"on {self.chip} ({len(self.kernels)} kernels, floor bytes {self.min_hbm_bytes:.6g})")
+
+
+@pytest.fixture(autouse=True)
+def modeled_time_never_beats_the_floor(monkeypatch):
+    monkeypatch.setattr(cost_model, "ProgramCost", _CheckedProgramCost)
+    yield
