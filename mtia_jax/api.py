@@ -165,7 +165,7 @@ class Lowered:
                              "device's kernels); drop mode='eager' or the shardings")
         extra = {"numerics": self.numerics} if module.layout is not None else {}
         executor = EXECUTORS[self.mode](module, donate_argnums=sorted(self.donated), **extra)
-        return Compiled(module, self.chip, memory, executor, self.in_tree, self.out_tree)
+        return Compiled(module, self.chip, memory, executor, self.in_tree, self.out_tree, self.mode)
 
 
 class Compiled:
@@ -179,11 +179,13 @@ class Compiled:
 
     _TRACER = jax.core.Tracer
 
-    def __init__(self, module: Module, chip, memory: MemoryPlan, executor, in_tree, out_tree):
+    def __init__(self, module: Module, chip, memory: MemoryPlan, executor, in_tree, out_tree,
+                 mode: str = "graph"):
         self.module = module
         self.chip = chip
         self.memory = memory
-        self._static_cost = program_cost(module, chip)
+        self.mode = mode  # how kernels are launched: runtime.cost_model.LAUNCH_MODELS
+        self._static_cost = program_cost(module, chip, mode=mode)
         self._costs: dict[tuple, ProgramCost] = {}  # trip counts -> cost
         self._trip_counts = None  # while-loop trip counts of the last call (device arrays)
         self._warned_unmeasured = False
@@ -273,7 +275,7 @@ class Compiled:
         if cost is None:
             if len(self._costs) >= 256:
                 self._costs.clear()
-            cost = self._costs[key] = program_cost(self.module, self.chip, counts)
+            cost = self._costs[key] = program_cost(self.module, self.chip, counts, mode=self.mode)
         return cost
 
     def _totals_for(self, trip_counts) -> tuple[float, float, float]:

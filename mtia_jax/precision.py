@@ -7,7 +7,9 @@
 
 The dtype pass (``lowering.passes.precision``) rewrites each ``dot_general``
 with a parameter (weight) operand into an ``mx_matmul`` with the policy's
-formats, with no change to user code.
+formats, gives ``swiglu`` and ``moe_ffn`` kernels with weight operands the
+same formats, and ``flash_attention`` the KV-cache format, with no change to
+user code.
 """
 
 from __future__ import annotations
@@ -30,15 +32,18 @@ class PrecisionPolicy:
       accum: accumulation dtype (MX dot products accumulate in float32).
       attention: also rewrite matmuls whose operands are both activations
         (attention scores and values); off by default.
+      kv_cache: MX format of the keys and values ``flash_attention`` reads
+        (a KV cache stored in MX, e.g. ``"mx8"``); ``None`` keeps their dtype.
     """
 
     weights: str | None = None
     activations: str | None = None
     accum: str = "float32"
     attention: bool = False
+    kv_cache: str | None = None
 
     def __post_init__(self):
-        for field in ("weights", "activations"):
+        for field in ("weights", "activations", "kv_cache"):
             value = getattr(self, field)
             if value is not None:
                 object.__setattr__(self, field, mx.get_format(value).name)
@@ -47,8 +52,9 @@ class PrecisionPolicy:
                              f"products accumulate in 'float32' (OCP MX v1.0 §6.2)")
 
     def __str__(self) -> str:
+        kv = f", kv_cache={self.kv_cache}" if self.kv_cache else ""
         return (f"weights={self.weights or 'unchanged'}, activations={self.activations or 'unchanged'}, "
-                f"accum={self.accum}{', attention' if self.attention else ''}")
+                f"accum={self.accum}{', attention' if self.attention else ''}{kv}")
 
 
 _ACTIVE: contextvars.ContextVar[PrecisionPolicy | None] = contextvars.ContextVar(

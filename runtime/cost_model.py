@@ -218,6 +218,38 @@ def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
 
 # ------------------------------------------------------------ region ops
 
+# ------------------------------------------------------------ launches
+
+def _duration(k: KernelCost) -> float:
+    """One execution's time on the device, launch aside."""
+    return max(k.compute_s, k.hbm_s, k.transfer_s) / k.count if k.count else 0.0
+
+
+def _graph_launches(kernels, before, launch_s: float) -> list[KernelCost]:
+    """Graph mode: the device's command processor launches the recorded
+    kernels itself, preparing each launch while the kernel before it runs.
+    A launch is paid only where the kernel before it is shorter:
+    ``max(0, launch - duration of the previous kernel)`` per execution (the
+    first kernel of a program pays it whole)."""
+    durations = [_duration(k) for k in kernels]
+    placed = []
+    for k, previous in zip(kernels, before):
+        exposed = sum(w * max(0.0, launch_s - durations[i]) for i, w in previous) if previous \
+            else launch_s
+        placed.append(dataclasses.replace(k, launch_s=exposed * k.count))
+    return placed
+
+
+def _eager_launches(kernels, before, launch_s: float) -> list[KernelCost]:
+    """Eager mode: the host launches each kernel after the one before it has
+    returned, so every execution pays the whole launch."""
+    return [dataclasses.replace(k, launch_s=launch_s * k.count) for k in kernels]
+
+
+# how kernels are launched (``jit(..., mode=...)``) -> launch time of each kernel
+LAUNCH_MODELS = {"graph": _graph_launches, "eager": _eager_launches}
+
+
 def _copy_of(op: Op, index: int) -> Op:
     """The copy a loop makes of operand ``index`` before its first trip."""
     value = op.operands[index]
@@ -232,20 +264,36 @@ class _Walk:
         self.trip_counts = trip_counts
         self.loop_trips = loop_trips
         self.kernels: list[KernelCost] = []
+        # the kernels launched just before each kernel: (index, share of its executions)
+        self.before: list[tuple[tuple[int, float], ...]] = []
         self.assumed_loops: list[str] = []
+
+    def add(self, kernel: KernelCost) -> None:
+        self.before.append(((len(self.kernels) - 1, 1.0),) if self.kernels else ())
+        self.kernels.append(kernel)
 
     def module(self, module: Module, executions: float, prefix: str) -> None:
         for i, op in enumerate(module.ops):
             path = f"{prefix}{i}"
             if category(op) == "region":
                 for index in op.attrs.get("copied_carries", ()):  # see lowering.passes.inplace
-                    self.kernels.append(kernel_cost(_copy_of(op, index), f"{path}/copy{index}",
-                                                    self.chip).times(executions))
+                    self.add(kernel_cost(_copy_of(op, index), f"{path}/copy{index}",
+                                         self.chip).times(executions))
                 for name, n in REGION_EXECUTIONS[op.kind](self, op, executions, path).items():
                     if n > 0:
-                        self.module(op.regions[name], n, f"{path}/{name}/")
+                        self.region(op.regions[name], n, f"{path}/{name}/", n / max(executions, 1e-30))
             elif is_kernel(op) and executions > 0:
-                self.kernels.append(kernel_cost(op, path, self.chip).times(executions))
+                self.add(kernel_cost(op, path, self.chip).times(executions))
+
+    def region(self, region: Module, executions: float, prefix: str, runs: float) -> None:
+        """Walk a region that runs ``runs`` times per execution of its op: on
+        every run after the first, its first kernel follows its last."""
+        first = len(self.kernels)
+        self.module(region, executions, prefix)
+        if runs > 1 and len(self.kernels) > first:
+            again = 1.0 - 1.0 / runs
+            self.before[first] = (*((i, w / runs) for i, w in self.before[first]),
+                                  (len(self.kernels) - 1, again))
 
     def region_time(self, region: Module, executions: float, prefix: str) -> float:
         probe = _Walk(self.chip, self.trip_counts, self.loop_trips)
@@ -302,18 +350,20 @@ REGION_EXECUTIONS: dict[str, Callable[[_Walk, Op, float, str], dict[str, float]]
 }
 
 
-def program_cost(module: Module, chip: ChipSpec,
-                 trip_counts: Mapping[str, float] | None = None, loop_trips=None) -> ProgramCost:
+def program_cost(module: Module, chip: ChipSpec, trip_counts: Mapping[str, float] | None = None,
+                 loop_trips=None, mode: str = "graph") -> ProgramCost:
     """Model every kernel of ``module`` on ``chip`` and schedule them on the
     device's streams (``runtime.schedule``).
 
     ``trip_counts`` maps while-op paths to measured total trip counts;
     ``loop_trips`` gives the trips per execution of loops neither measured
-    nor fixed by the program (see ``_given_trips``).
+    nor fixed by the program (see ``_given_trips``); ``mode`` is how kernels
+    are launched ("graph" or "eager", ``LAUNCH_MODELS``).
     """
     walk = _Walk(chip, trip_counts or {}, loop_trips)
     walk.module(module, 1.0, "")
-    kernels, makespan = schedule(module, walk.kernels)
+    kernels = LAUNCH_MODELS[mode](walk.kernels, walk.before, chip.kernel_launch_s)
+    kernels, makespan = schedule(module, kernels)
     # Roofline: the physical lower bound (runtime.roofline). All arithmetic at
     # peak on engines working in parallel; the inputs' touched bytes and the
     # outputs cross HBM once.

@@ -36,6 +36,14 @@ operand's order when neither is a weight), and MX blocks run along that K.
 The result keeps the ``dot_general``'s dtype (``out_dtype``), accumulated in
 float32.
 
+The kernels MTIA runs whole get formats instead of a rewrite (the
+primitive's params; its reference rounds the operands, its cost rule reads
+them packed at the format's rate): ``swiglu`` whose two weights are
+weights (``x_format`` = activations, ``w_format`` = weights), ``moe_ffn``
+and the expert-parallel ``moe_experts`` whose expert weights are weights,
+and every ``flash_attention`` primitive under ``policy.kv_cache``
+(``kv_format``: the keys and values, blocks along the head dimension).
+
 Left unchanged: integer or mixed-kind products, products with batch
 dimensions (a batched weight, as in an MoE expert einsum, or attention
 against a KV cache passed as an argument) unless ``policy.attention``,
@@ -82,7 +90,8 @@ WEIGHT_VIEWS = frozenset({
 
 def run(module: Module, ctx=None) -> Module:
     policy = getattr(ctx, "precision", None)
-    if policy is None or (policy.weights is None and policy.activations is None):
+    if policy is None or (policy.weights is None and policy.activations is None
+                          and policy.kv_cache is None):
         return module
     return _rewrite(module, set(module.params), policy)
 
@@ -139,9 +148,37 @@ def _rewrite(module: Module, weights: set[Value], policy) -> Module:
                 ops.extend(new_ops)
                 rename[op.results[0]] = result
                 continue
+        elif op.kind in KERNEL_FORMATS and op.primitive is not None:
+            params = KERNEL_FORMATS[op.kind](op, weights, policy)
+            if params:
+                op = dataclasses.replace(op, attrs={**op.attrs, "params": {**op.params, **params}})
         ops.append(op)
     outputs = [rename.get(v, v) for v in module.outputs]
     return Module(module.name, module.params, ops, outputs)
+
+
+def _weight_formats(weight_operands: slice):
+    """Formats for a kernel whose operands ``weight_operands`` are all weights:
+    ``x_format`` = the policy's activations, ``w_format`` = its weights."""
+    def formats(op: Op, weights: set[Value], policy) -> dict:
+        if not all(v in weights and _floating(v) for v in op.operands[weight_operands]):
+            return {}
+        found = {"x_format": policy.activations, "w_format": policy.weights}
+        return {k: v for k, v in found.items() if v is not None}
+    return formats
+
+
+def _kv_formats(op: Op, weights: set[Value], policy) -> dict:
+    return {"kv_format": policy.kv_cache} if policy.kv_cache is not None else {}
+
+
+# primitive kind -> the MX params a policy gives it
+KERNEL_FORMATS = {
+    "swiglu": _weight_formats(slice(1, 3)),
+    "moe_ffn": _weight_formats(slice(2, 5)),
+    "moe_experts": _weight_formats(slice(1, 4)),
+    "flash_attention": _kv_formats,
+}
 
 
 def _floating(v: Value) -> bool:
@@ -159,6 +196,8 @@ def _formats(op: Op, weights: set[Value], policy) -> tuple[str | None, str | Non
     if any(d == 0 for v in (lhs, rhs) for d in v.type.shape):
         return None
     act, weight = policy.activations, policy.weights
+    if act is None and weight is None:
+        return None
     if not lb and rhs in weights:
         formats = (act, weight, 1)
     elif not lb and lhs in weights:

@@ -11,7 +11,13 @@ grid as ``gr x gc`` per-PE blocks. Then
   bytes: each operand is re-read once per tile of the other's free dimension;
 - PE efficiency = useful outputs / computed outputs, counting the padding of
   the last tile in M and N and of each per-PE block to the Dot Product
-  Engine's native output block (``DPE_NATIVE_TILE``);
+  Engine's native output block (``DPE_NATIVE_TILE``), times the pipeline
+  efficiency of the K loop: each native block streams K through the DPE in
+  ``2 x 32 x 32 x K / (FLOP per PE per cycle)`` cycles and then pays
+  ``DPE_FILL_DRAIN_CYCLES`` to fill and drain the array (accumulation stays
+  in the DPE across K chunks, so this is paid once per block). Short-K
+  products and faster compute classes (MX4 streams K six times faster than
+  BF16 on MTIA 450) lose the most;
 - the tile must fit: double-buffered operand tiles plus the fp32 accumulator
   in on-chip SRAM, and each PE's share in its local memory.
 
@@ -38,6 +44,10 @@ from lowering.passes import precision
 # Assumption (not published for any MTIA generation): the Dot Product Engine
 # produces a 32 x 32 block of outputs per pass; a per-PE block is padded to it.
 DPE_NATIVE_TILE = 32
+# Assumption (not published): filling a 32-deep systolic array and draining
+# its 32 rows of accumulators takes 2 x 32 cycles per native output block,
+# not overlapped with the next block's K stream.
+DPE_FILL_DRAIN_CYCLES = 2 * DPE_NATIVE_TILE
 ACCUMULATOR_BYTES = 4  # fp32 accumulation [MXS §6.2: MX dot products accumulate in FP32]
 
 
@@ -128,10 +138,19 @@ def _best_grid(tm: int, tn: int, rows: int, cols: int) -> tuple[tuple[int, int],
     return best, best_eff
 
 
+def pipeline_efficiency(k: int, peak: float, chip) -> float:
+    """Fraction of a native block's DPE time spent streaming K, the rest
+    filling and draining the array (``DPE_FILL_DRAIN_CYCLES``)."""
+    flops_per_pe_cycle = peak / (chip.pe_rows * chip.pe_cols * chip.clock_hz)
+    k_cycles = 2.0 * DPE_NATIVE_TILE * DPE_NATIVE_TILE * k / flops_per_pe_cycle
+    return k_cycles / (k_cycles + DPE_FILL_DRAIN_CYCLES) if k_cycles > 0 else 1.0
+
+
 @functools.lru_cache(maxsize=4096)
 def choose_gemm_tile(shape: GemmShape, chip) -> Tile:
     """The best-scoring tile of ``shape`` on ``chip``."""
     peak = chip.matmul_peak(shape.dtype)
+    pipe = pipeline_efficiency(shape.k, peak, chip)
     in_bytes = max(np.dtype(shape.dtype).itemsize, 1)
     sram_budget = chip.sram_bytes
     pe_budget = chip.pe_local_bytes
@@ -150,7 +169,7 @@ def choose_gemm_tile(shape: GemmShape, chip) -> Tile:
                 continue
             m_tiles, n_tiles = -(-shape.m // tm), -(-shape.n // tn)
             pad_eff = (shape.m * shape.n) / (m_tiles * min(tm, shape.m) * n_tiles * min(tn, shape.n))
-            efficiency = grid_eff * pad_eff
+            efficiency = grid_eff * pad_eff * pipe
             extra = shape.lhs_bytes * (n_tiles - 1) + shape.rhs_bytes * (m_tiles - 1)
             traffic = shape.lhs_bytes + shape.rhs_bytes + shape.out_bytes + extra
             time = max(shape.flops / (peak * efficiency), traffic / chip.hbm_bandwidth)
@@ -159,7 +178,7 @@ def choose_gemm_tile(shape: GemmShape, chip) -> Tile:
                 best_score = score
                 best = Tile(min(tm, shape.m), min(tn, shape.n), int(tk), (gr, gc), efficiency, float(extra))
     if best is None:  # nothing fits even one row/col per step: stream at minimal size
-        best = Tile(1, 1, 1, (1, n_pe), 1.0 / (DPE_NATIVE_TILE ** 2),
+        best = Tile(1, 1, 1, (1, n_pe), pipe / (DPE_NATIVE_TILE ** 2),
                     float(shape.lhs_bytes * (shape.n - 1) + shape.rhs_bytes * (shape.m - 1)))
     return best
 

@@ -39,6 +39,14 @@ def check_float(fn: str, name: str, value) -> None:
                         f"({type(value).__name__})")
 
 
+def quantized(x, fmt: str | None, axis: int):
+    """``x`` as the values an MX operand of format ``fmt`` holds (blocks along
+    ``axis``), in ``x``'s dtype with a straight-through gradient; ``x`` itself
+    when ``fmt`` is None. What a precision policy does to a kernel's operands."""
+    from mtia_jax import mx  # mx imports nothing of the primitives; imported on use
+    return x if fmt is None else mx.fake_quantize(x, fmt, axis)
+
+
 def _abstract_eval_from(reference: Callable, multiple_results: bool):
     def abstract_eval(*avals, **params):
         structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]

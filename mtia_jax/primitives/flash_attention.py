@@ -37,6 +37,11 @@ that were given, in the order ``OPTIONAL_OPERANDS``; the param
 evaluation, JVP (through the reference, so ``jax.grad`` works), a batching
 rule that keeps the primitive by folding the vmapped axis into B, and the
 reference as lowering.
+
+KV cache in MX: under ``PrecisionPolicy(kv_cache=...)`` the precision pass
+sets the param ``kv_format``; keys and values are rounded to that format
+(blocks along the head dimension) before use, as a cache stored in it would
+hold them, and the cost model reads them packed.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from jax import lax
 from jax._src import core as _core
 from jax.interpreters import ad
 
-from mtia_jax.primitives._base import define_primitive
+from mtia_jax.primitives._base import define_primitive, quantized
 
 __all__ = ["flash_attention", "flash_attention_p", "attention_reference", "OPTIONAL_OPERANDS"]
 
@@ -108,9 +113,10 @@ def _visibility(batch, q_len, kv_len, kv_heads, groups, mask, is_causal, local_w
 
 def attention_reference(query, key, value, *optional, scale: float, is_causal: bool,
                         local_window_size: tuple[int, int] | None,
-                        optional_operands: tuple[str, ...]):
+                        optional_operands: tuple[str, ...], kv_format: str | None = None):
     """What ``flash_attention`` computes (see the module docstring)."""
     extra = dict(zip(optional_operands, optional, strict=True))
+    key, value = quantized(key, kv_format, -1), quantized(value, kv_format, -1)
     bias, mask = extra.get("bias"), extra.get("mask")
     q_lengths, kv_lengths = extra.get("query_seq_lengths"), extra.get("key_value_seq_lengths")
     batch, q_len, heads, head_dim = query.shape

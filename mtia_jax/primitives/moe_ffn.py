@@ -18,7 +18,12 @@ every product accumulates in float32; the hidden activation
 ``silu(g) * u`` is computed in float32 and rounded to the promoted dtype
 before the down projection (the matrix engine's operand); the routing
 softmax and the weighted combine of the k expert outputs are float32; the
-result is rounded once to the promoted dtype.
+result is rounded once to the promoted dtype. Under a precision policy
+(``lowering.passes.precision``) the params ``x_format`` / ``w_format`` name
+the MX formats of the activations (``x`` and the hidden activation, blocks
+along their features) and of the expert weights (blocks along each
+product's K): operands are rounded to them before the products, and the
+weights are read packed.
 
 The primitive's reference (its lowering under ``jax.jit``, also the
 function JVP and batching differentiate/map) is a *dropless block-sparse*
@@ -73,7 +78,7 @@ import numpy as np
 from jax import lax
 from jax._src import core as _core
 
-from mtia_jax.primitives._base import check_float, _batching_from, define_primitive
+from mtia_jax.primitives._base import check_float, _batching_from, define_primitive, quantized
 
 __all__ = ["moe_ffn", "moe_ffn_p", "route", "moe_dispatch_p", "moe_experts_p", "moe_combine_p"]
 
@@ -109,10 +114,12 @@ def _exclusive_cumsum(v):
     return jnp.cumsum(v) - v
 
 
-def _reference(x, router_logits, w_gate, w_up, w_down, *, top_k):
+def _reference(x, router_logits, w_gate, w_up, w_down, *, top_k, x_format=None, w_format=None):
     """Dropless block-sparse MoE (see the module docstring)."""
     dtype = jnp.result_type(x, w_gate, w_up, w_down)
     x, w_gate, w_up, w_down = (a.astype(dtype) for a in (x, w_gate, w_up, w_down))
+    x = quantized(x, x_format, -1)
+    w_gate, w_up, w_down = _quantized_experts(w_gate, w_up, w_down, w_format)
     (t, d), e = x.shape, w_gate.shape[0]
     slots = t * top_k
     rows_per_block = _block_rows(slots, e)
@@ -141,19 +148,25 @@ def _reference(x, router_logits, w_gate, w_up, w_down, *, top_k):
 
     # Expert FFNs, block by block
     y_rows = _expert_ffn(x_blocks, w_gate[block_expert], w_up[block_expert],
-                         w_down[block_expert]).reshape(-1, d)
+                         w_down[block_expert], x_format).reshape(-1, d)
 
     # Combine: each token's k expert outputs, weighted, in float32
     return _combine(weights, y_rows[row_of_slot].reshape(t, top_k, d), dtype)
 
 
-def _expert_ffn(rows, w_gate, w_up, w_down):
+def _quantized_experts(w_gate, w_up, w_down, w_format):
+    """The expert weights rounded to ``w_format`` (blocks along each product's K)."""
+    return quantized(w_gate, w_format, -2), quantized(w_up, w_format, -2), quantized(w_down, w_format, -2)
+
+
+def _expert_ffn(rows, w_gate, w_up, w_down, x_format=None):
     """``(G, R, D)`` rows through G expert FFNs (weights ``(G, D, F)``,
     ``(G, D, F)``, ``(G, F, D)``) -> ``(G, R, D)`` float32; the hidden
-    activation is rounded to the rows' dtype before the down projection."""
+    activation is rounded to the rows' dtype (and to ``x_format``, the
+    activations' MX format under a precision policy) before the down projection."""
     gate = _block_matmul_f32(rows, w_gate)
     up = _block_matmul_f32(rows, w_up)
-    hidden = (gate * jax.nn.sigmoid(gate) * up).astype(rows.dtype)
+    hidden = quantized((gate * jax.nn.sigmoid(gate) * up).astype(rows.dtype), x_format, -1)
     return _block_matmul_f32(hidden, w_down)
 
 
@@ -164,7 +177,7 @@ def _combine(weights, y_slots, dtype):
 
 # ------------------------------------------------------------ rules
 
-def _abstract_eval(x, router_logits, w_gate, w_up, w_down, *, top_k):
+def _abstract_eval(x, router_logits, w_gate, w_up, w_down, *, top_k, **formats):
     dtype = jnp.result_type(x.dtype, w_gate.dtype, w_up.dtype, w_down.dtype)
     return _core.ShapedArray(x.shape, dtype)
 
@@ -172,13 +185,13 @@ def _abstract_eval(x, router_logits, w_gate, w_up, w_down, *, top_k):
 _fallback_batching = _batching_from(_reference)
 
 
-def _batching_rule(args, dims, *, top_k):
+def _batching_rule(args, dims, *, top_k, **formats):
     """Unbatched weights: fold the batch axis into the token axis (tokens are
     routed independently), so one primitive serves the whole batch."""
     x, logits, *weights = args
     x_dim, logits_dim, *weight_dims = dims
     if any(dim is not None for dim in weight_dims):
-        return _fallback_batching(args, dims, top_k=top_k)
+        return _fallback_batching(args, dims, top_k=top_k, **formats)
     size = (x if x_dim is not None else logits).shape[x_dim if x_dim is not None else logits_dim]
 
     def to_front(a, dim):
@@ -188,7 +201,8 @@ def _batching_rule(args, dims, *, top_k):
 
     x, logits = to_front(x, x_dim), to_front(logits, logits_dim)
     v, t = x.shape[:2]
-    out = moe_ffn_p.bind(x.reshape(v * t, -1), logits.reshape(v * t, -1), *weights, top_k=top_k)
+    out = moe_ffn_p.bind(x.reshape(v * t, -1), logits.reshape(v * t, -1), *weights, top_k=top_k,
+                         **formats)
     return out.reshape(v, t, -1), 0
 
 
@@ -207,10 +221,10 @@ def _dispatch(x, router_logits, *, top_k, dtype):
     return jnp.where(routed[:, :, None], x.astype(dtype)[None], jnp.zeros((), dtype))
 
 
-def _experts(rows, w_gate, w_up, w_down):
+def _experts(rows, w_gate, w_up, w_down, *, x_format=None, w_format=None):
     """The device's experts on the rows they received: ``(G, R, D)`` float32."""
-    weights = (w.astype(rows.dtype) for w in (w_gate, w_up, w_down))
-    return _expert_ffn(rows, *weights)
+    weights = _quantized_experts(*(w.astype(rows.dtype) for w in (w_gate, w_up, w_down)), w_format)
+    return _expert_ffn(quantized(rows, x_format, -1), *weights, x_format)
 
 
 def _combine_returned(returned, router_logits, *, top_k, dtype):

@@ -9,7 +9,11 @@ intermediates never reach HBM (costed by ``runtime.accelerated.norms``).
 Numerics: ``x``, ``w_gate`` and ``w_up`` are promoted to one floating dtype
 (``jnp.result_type``, as ``x @ w`` would), the products accumulate in
 float32, the epilogue ``g * sigmoid(g) * u`` is computed in float32, and the
-result is rounded once to the promoted dtype.
+result is rounded once to the promoted dtype. Under a precision policy
+(``lowering.passes.precision``) the params ``x_format`` / ``w_format`` name
+the MX formats of ``x`` (blocks along D) and of the weights (blocks along D):
+the operands are rounded to those formats before the products, as
+``mx_matmul`` does, and the weights are read packed.
 
 Transformations: ``jax.jit`` runs the reference lowering; JVP (and so
 ``jax.grad``) differentiates the reference; ``jax.vmap`` keeps the primitive
@@ -26,7 +30,7 @@ from jax import lax
 from jax._src import core as _core
 from jax._src.interpreters import batching
 
-from mtia_jax.primitives._base import check_float, _batching_from, define_primitive
+from mtia_jax.primitives._base import check_float, _batching_from, define_primitive, quantized
 
 __all__ = ["swiglu", "swiglu_p"]
 
@@ -39,16 +43,18 @@ def _matmul_f32(x, w):
                            precision=(_HIGHEST, _HIGHEST), preferred_element_type=jnp.float32)
 
 
-def _reference(x, w_gate, w_up):
+def _reference(x, w_gate, w_up, *, x_format=None, w_format=None):
     """silu(x @ w_gate) * (x @ w_up): products in float32, one final rounding."""
     dtype = jnp.result_type(x, w_gate, w_up)
     x, w_gate, w_up = (a.astype(dtype) for a in (x, w_gate, w_up))
+    x = quantized(x, x_format, -1)
+    w_gate, w_up = quantized(w_gate, w_format, 0), quantized(w_up, w_format, 0)
     gate = _matmul_f32(x, w_gate)
     up = _matmul_f32(x, w_up)
     return (gate * jax.nn.sigmoid(gate) * up).astype(dtype)
 
 
-def _abstract_eval(x, w_gate, w_up):
+def _abstract_eval(x, w_gate, w_up, **params):
     dtype = jnp.result_type(x.dtype, w_gate.dtype, w_up.dtype)
     return _core.ShapedArray((*x.shape[:-1], w_gate.shape[1]), dtype)
 
@@ -62,7 +68,7 @@ def _batching_rule(args, dims, **params):
     x, w_gate, w_up = args
     x_dim, gate_dim, up_dim = dims
     if gate_dim is None and up_dim is None:
-        return swiglu_p.bind(jnp.moveaxis(x, x_dim, 0), w_gate, w_up), 0
+        return swiglu_p.bind(jnp.moveaxis(x, x_dim, 0), w_gate, w_up, **params), 0
     return _fallback_batching(args, dims, **params)
 
 

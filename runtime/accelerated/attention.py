@@ -23,7 +23,9 @@ FlashAttention kernel:
   chip pays them on the vector units. (The few vector ops per score of the
   online softmax - running max, rescale, sum - are not counted separately.)
 - HBM bytes = the operands (q, k, v, and bias/mask/lengths when present) and
-  the output; the (B, N, T, S) score matrix is never materialized.
+  the output; the (B, N, T, S) score matrix is never materialized. Under
+  ``PrecisionPolicy(kv_cache=...)`` (the param ``kv_format``) K and V are
+  read packed in that MX format.
 - ``bytes_saved_by_unit``: without the unit, a software FlashAttention kernel
   streams K and V through a PE once per *query block*, so K and V are read
   ceil(G·T / Tq) times instead of once (the G = N / K query heads that share a
@@ -133,12 +135,21 @@ def flash_attention_work(op: Op):
     # so importing it at the top would be circular when this package loads first
     from runtime.op_work import OpWork
 
+    from runtime.accelerated.mx_matmul import packed_bytes
+
     a = attention_shape(op)
     rows_per_kv_head = (a.heads // a.kv_heads) * a.q_len
     kv_passes = max(math.ceil(rows_per_kv_head / a.q_block) * a.visible, 1.0)
+    reads, kv_bytes = None, a.kv_bytes
+    kv_format = op.params.get("kv_format") if op.primitive is not None else None
+    if kv_format is not None:  # a KV cache stored in MX (PrecisionPolicy(kv_cache=...))
+        q, k, v, *rest = (o.type for o in op.operands)
+        reads = (q.nbytes, packed_bytes(k, kv_format, -1), packed_bytes(v, kv_format, -1),
+                 *(t.nbytes for t in rest))
+        kv_bytes = reads[1] + reads[2]
     return OpWork(flops=2.0 * a.scores * (a.head_dim + a.value_dim),
-                  transcendentals=a.scores, engine="matrix", dtype=a.dtype,
-                  unit="flash_attention", bytes_saved_by_unit=a.kv_bytes * (kv_passes - 1.0))
+                  transcendentals=a.scores, engine="matrix", dtype=a.dtype, reads=reads,
+                  unit="flash_attention", bytes_saved_by_unit=kv_bytes * (kv_passes - 1.0))
 
 
 RULES = {"flash_attention": flash_attention_work}

@@ -15,7 +15,9 @@ compute
     selection (T E log2 k comparisons) is left out: E is tiny next to D F.
 
 HBM bytes
-    ``x``, ``router_logits`` and the result once each, plus the weights of
+    ``x``, ``router_logits`` and the result once each (under a precision
+    policy, ``x`` and the weights packed in their MX formats and the products
+    at the wider format's rate, as for ``mx_matmul``), plus the weights of
     the experts that receive at least one token. Which experts those are
     depends on the data and the cost model is static, so it charges the
     expected number under *uniform routing* (each token's k distinct experts
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtime.accelerated.mx_matmul import formats_class, packed_bytes
 from runtime.op_work import OpWork
 
 # SwiGLU epilogue per hidden element: g * sigmoid(g), then * up
@@ -70,6 +73,15 @@ def expected_experts_hit(tokens: int, experts: int, top_k: int) -> float:
     return experts * (1.0 - (1.0 - top_k / experts) ** tokens)
 
 
+def _rate(op, x, *weights):
+    """The compute class (or dtype) of the expert products: under a precision
+    policy the wider of the MX operands (as ``mx_matmul``), else the promoted dtype."""
+    x_fmt, w_fmt = op.params.get("x_format"), op.params.get("w_format")
+    if x_fmt or w_fmt:
+        return formats_class([(x_fmt, x.dtype), *((w_fmt, w.dtype) for w in weights)])
+    return np.result_type(x.dtype, *(w.dtype for w in weights))
+
+
 def _moe_ffn_work(op) -> OpWork:
     x, logits, w_gate, w_up, w_down = (v.type for v in op.operands)
     out = op.results[0].type
@@ -78,13 +90,15 @@ def _moe_ffn_work(op) -> OpWork:
     k = op.params["top_k"]
     slots = t * k
     hit = expected_experts_hit(t, e, k) / e  # the fraction of each weight read
+    x_fmt, w_fmt = op.params.get("x_format"), op.params.get("w_format")
     return OpWork(
         flops=2 * 3 * slots * d * f + EPILOGUE_FLOPS_PER_HIDDEN * slots * f
         + COMBINE_FLOPS_PER_ELEMENT * slots * d,
         transcendentals=slots * f + slots,
         engine="matrix",
-        dtype=np.result_type(x.dtype, w_gate.dtype, w_up.dtype, w_down.dtype),
-        reads=(x.nbytes, logits.nbytes, hit * w_gate.nbytes, hit * w_up.nbytes, hit * w_down.nbytes),
+        dtype=_rate(op, x, w_gate, w_up, w_down),
+        reads=(packed_bytes(x, x_fmt, -1), logits.nbytes,
+               *(hit * packed_bytes(w, w_fmt, -2) for w in (w_gate, w_up, w_down))),
         unit="moe_ffn",
         bytes_saved_by_unit=DISPATCH_COMBINE_PASSES * slots * d * out.dtype.itemsize,
     )
@@ -106,13 +120,14 @@ def _moe_experts_work(op) -> OpWork:
     k, e = op.attrs["top_k"], op.attrs["experts"]
     slots = local * received * k / e  # the routed rows among those received, balanced
     hit = expected_experts_hit(received, e, k) / e  # the fraction of each local weight read
+    x_fmt, w_fmt = op.params.get("x_format"), op.params.get("w_format")
+    row_bytes = packed_bytes(rows, x_fmt, -1) / max(local * received, 1)
     return OpWork(
         flops=2 * 3 * slots * d * f + EPILOGUE_FLOPS_PER_HIDDEN * slots * f,
         transcendentals=slots * f,
         engine="matrix",
-        dtype=np.result_type(rows.dtype, w_gate.dtype, w_up.dtype, w_down.dtype),
-        reads=(slots * d * rows.dtype.itemsize, hit * w_gate.nbytes, hit * w_up.nbytes,
-               hit * w_down.nbytes),
+        dtype=_rate(op, rows, w_gate, w_up, w_down),
+        reads=(slots * row_bytes, *(hit * packed_bytes(w, w_fmt, -2) for w in (w_gate, w_up, w_down))),
         writes=slots * d * out.dtype.itemsize,
         unit="moe_ffn",
     )

@@ -31,11 +31,12 @@ dtype size; plus the output at its dtype size.
 from __future__ import annotations
 
 from lowering.ir import Op, TensorType
+from mtia_jax.mx import DEFAULT_BLOCK_SIZE
 from mtia_jax.primitives.mx_matmul import (RATE_ORDER, operand_class, operand_layout,
                                            operand_nbytes, pair_class)
 from runtime.op_work import OpWork
 
-__all__ = ["RATE_ORDER", "RULES", "mx_matmul_work", "mx_operands"]
+__all__ = ["RATE_ORDER", "RULES", "formats_class", "mx_matmul_work", "mx_operands", "packed_bytes"]
 
 # the dedicated unit that runs this op (``ChipSpec.units``)
 UNIT = "mx_matmul"
@@ -50,8 +51,18 @@ def mx_operands(op: Op) -> tuple[tuple[TensorType, str | None, int], ...]:
     return (a, p["a_format"], len(a.shape) - 1), (b, p["b_format"], len(b.shape) - 2)
 
 
-def _bytes(t: TensorType, fmt: str | None, k_axis: int, block_size: int) -> int:
-    return t.nbytes if fmt is None else operand_nbytes(t.shape, None, fmt, k_axis, block_size)
+def packed_bytes(t: TensorType, fmt: str | None, k_axis: int,
+                 block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """Bytes of an operand stored in MX format ``fmt`` (blocks along
+    ``k_axis``), or at its dtype size when ``fmt`` is None."""
+    return t.nbytes if fmt is None else operand_nbytes(t.shape, None, fmt, k_axis % len(t.shape),
+                                                       block_size)
+
+
+def formats_class(pairs) -> str:
+    """The compute class a product of operands ``(format, dtype)`` runs at: the widest."""
+    classes = [operand_class(fmt, dtype) for fmt, dtype in pairs]
+    return max(classes, key=RATE_ORDER.index)
 
 
 def mx_matmul_work(op: Op) -> OpWork:
@@ -64,8 +75,8 @@ def mx_matmul_work(op: Op) -> OpWork:
     na, nb = operand_layout(p)
     # a pre-quantized operand is two operands (elements, scales): its packed
     # size (scales included) is charged to the elements
-    a_reads = (_bytes(a, a_fmt, a_k, bs),) + (0.0,) * (na - 1)
-    b_reads = (_bytes(b, b_fmt, b_k, bs),) + (0.0,) * (nb - 1)
+    a_reads = (packed_bytes(a, a_fmt, a_k, bs),) + (0.0,) * (na - 1)
+    b_reads = (packed_bytes(b, b_fmt, b_k, bs),) + (0.0,) * (nb - 1)
     return OpWork(flops=flops, engine="matrix", dtype=cls, reads=(*a_reads, *b_reads), unit=UNIT)
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtime.accelerated.mx_matmul import formats_class, packed_bytes
 from runtime.op_work import OpWork
 
 # rms_norm: square, accumulate, scale by 1/rms, scale by weight
@@ -62,12 +63,17 @@ def _norm_work(per_element: int, per_row: int):
 
 
 def _swiglu_work(op) -> OpWork:
-    x, w_gate, _ = (v.type for v in op.operands)
+    x, w_gate, w_up = (v.type for v in op.operands)
     d, f = w_gate.shape
     m = x.size // max(d, 1)
+    x_fmt, w_fmt = op.params.get("x_format"), op.params.get("w_format")
+    dtype = np.result_type(x.dtype, w_gate.dtype)
+    if x_fmt or w_fmt:  # under a precision policy: MX operands, read packed
+        dtype = formats_class([(x_fmt, x.dtype), (w_fmt, w_gate.dtype)])
     return OpWork(flops=2 * 2 * m * d * f + SWIGLU_EPILOGUE_FLOPS * m * f,
-                  transcendentals=m * f, engine="matrix",
-                  dtype=np.result_type(x.dtype, w_gate.dtype))
+                  transcendentals=m * f, engine="matrix", dtype=dtype,
+                  reads=(packed_bytes(x, x_fmt, -1), packed_bytes(w_gate, w_fmt, 0),
+                         packed_bytes(w_up, w_fmt, 0)))
 
 
 RULES = {
