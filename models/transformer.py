@@ -44,7 +44,9 @@ int32: the number of valid positions of each sequence. ``prefill`` starts
 from an empty cache and writes positions 0..T-1 (positions past a sequence's
 length hold padding and are masked; decode overwrites them). ``decode``
 writes each sequence's new key/value at its own position ``lengths[b]``
-(a sequence whose cache is full is not written: keep ``lengths < S``).
+(a sequence whose cache is full is not written: keep ``lengths < S``), in
+place: donate the cache (``donate_argnums``) and a step moves one row per
+sequence and layer.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from mtia_jax.primitives.norms import rms_norm
 from mtia_jax.primitives.swiglu import swiglu
 
 __all__ = ["Config", "PRESETS", "Transformer", "init_cache", "forward", "prefill", "decode",
+           "write_kv_rows",
            "rope_frequencies", "apply_rope", "params_of", "param_shapes", "cache_shapes",
            "logical_axes", "shardings", "init_params", "SHARDING_RULES", "last_token_logits"]
 
@@ -323,33 +326,55 @@ def prefill(cfg: Config, params: dict, tokens, lengths, cache: dict):
     return logits, new
 
 
+def write_kv_rows(cache, layer, rows, positions):
+    """``cache`` (L, B, S, K, H) with ``rows`` (B, K, H) written at
+    ``[layer, b, positions[b]]``: one row per sequence, in place when the
+    cache buffer may be overwritten (a donated cache, or one carried by a
+    loop). A position past the capacity S is not written."""
+    batch = rows.shape[0]
+    index = jnp.stack([jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (batch,)),
+                       positions.astype(jnp.int32)], axis=1)  # (B, 2): layer, position
+    dims = lax.ScatterDimensionNumbers(
+        update_window_dims=(1, 2), inserted_window_dims=(0, 2), scatter_dims_to_operand_dims=(0, 2),
+        operand_batching_dims=(1,), scatter_indices_batching_dims=(0,))
+    return lax.scatter(cache, index, rows.astype(cache.dtype), dims, indices_are_sorted=True,
+                       unique_indices=True, mode=lax.GatherScatterMode.FILL_OR_DROP)
+
+
 def decode(cfg: Config, params: dict, tokens, cache: dict):
     """One decode step: ``tokens`` (B,) at positions ``cache['lengths']``.
     Returns logits (B, vocab) float32 and the cache with one more position
-    per sequence."""
+    per sequence.
+
+    The whole cache is carried through the scan over layers: each layer
+    writes its new key and value row per sequence (``write_kv_rows``) and
+    attention reads its layer of the cache where it lies (a view), so with
+    the cache donated (``donate_argnums``) a step moves one row per sequence
+    and layer, as a serving engine's in-place cache does."""
     tokens = _check_tokens("decode", tokens, 1, "(B,)")
     b = tokens.shape[0]
     _check_cache("decode", cfg, cache, b)
     pos = cache["lengths"].astype(jnp.int32)
-    capacity = cache["k"].shape[2]
-    # the new position of each sequence, as a (B, S, 1, 1) selector of cache rows
-    write = (jnp.arange(capacity, dtype=jnp.int32)[None, :] == pos[:, None])[:, :, None, None]
     visible = pos + 1
 
-    def layer(x, xs):
-        w, ck, cv = xs
+    def layer(carry, xs):
+        x, ck, cv = carry
+        w, index = xs
         h = rms_norm(x, w["attn_norm"], eps=cfg.norm_eps)
         q, k, v = _qkv(cfg, w, h, pos[:, None])
-        ck = jnp.where(write, k.astype(ck.dtype), ck)
-        cv = jnp.where(write, v.astype(cv.dtype), cv)
-        attn = flash_attention(q, ck.astype(q.dtype), cv.astype(q.dtype),
+        ck = write_kv_rows(ck, index, k[:, 0], pos)
+        cv = write_kv_rows(cv, index, v[:, 0], pos)
+        keys = lax.dynamic_index_in_dim(ck, index, 0, keepdims=False)
+        values = lax.dynamic_index_in_dim(cv, index, 0, keepdims=False)
+        attn = flash_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
                                key_value_seq_lengths=visible)
         x = x + _dense(attn.reshape(b, 1, cfg.heads * cfg.head_dim), w["wo"])
         x = x + _mlp(cfg, w, rms_norm(x, w["mlp_norm"], eps=cfg.norm_eps))
-        return x, (ck, cv)
+        return (x, ck, cv), None
 
     x = _embed(params, tokens)[:, None, :]
-    x, (ks, vs) = lax.scan(layer, x, (params["layers"], cache["k"], cache["v"]))
+    layers = jnp.arange(cfg.layers, dtype=jnp.int32)
+    (x, ks, vs), _ = lax.scan(layer, (x, cache["k"], cache["v"]), (params["layers"], layers))
     return _logits(cfg, params, x)[:, 0], {"k": ks, "v": vs, "lengths": visible}
 
 

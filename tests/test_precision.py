@@ -149,7 +149,8 @@ def test_contraction_not_innermost_gets_a_transpose_and_several_axes_flatten_int
     compiled = _compiled(f, x, w)
     assert _formats(compiled) == [("mxfp8_e4m3", "mxfp4_e2m1")]
     # K is flattened in the weight's (h, d) order: no transpose of either operand
-    assert [op.kind for op in compiled.module.ops] == ["reshape", "reshape", "mx_matmul", "reshape"]
+    kinds = flat_kinds(compiled.module.ops)
+    assert kinds.count("mx_matmul") == 1 and "transpose" not in kinds
     by_hand = lambda x, w: mx_matmul(x.reshape(10, 64), w.reshape(64, 32), a_format="mx8",
                                      b_format="mx4").reshape(2, 5, 32)
     _same_bits(compiled(x, w), jax.jit(by_hand)(x, w))

@@ -759,7 +759,10 @@ def test_convolution_runs_on_the_matrix_engine():
         jax.ShapeDtypeStruct((64, 64, 3, 3), jnp.bfloat16)).compile()
     (kernel,) = compiled.cost.kernels
     chip = compiled.chip
-    assert kernel.compute_s == pytest.approx(kernel.flops / chip.matmul_peak(jnp.bfloat16))
+    tile = compiled.module.ops[-1].attrs["tile"]
+    assert kernel.compute_s == pytest.approx(
+        kernel.flops / (chip.matmul_peak(jnp.bfloat16) * tile.efficiency * chip.matmul_efficiency))
+    assert kernel.matrix_s > 0 and kernel.vector_s == 0
 
 
 @pytest.mark.parametrize("reducer, window, strides, padding", [

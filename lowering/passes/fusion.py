@@ -6,7 +6,8 @@ Three patterns, grown greedily in program order:
 - producers into reductions: an elementwise group feeding a reduction becomes
   one reduction kernel (the normalisation in norms and softmax);
 - epilogues into matmuls: elementwise consumers of a contraction's result
-  (bias, activation, scaling) join the contraction's kernel.
+  (bias, activation, scaling) join the contraction's kernel (``dot_general``,
+  ``mx_matmul`` and ``swiglu`` alike).
 
 Scalar arithmetic (``lowering.kernels.is_scalar``) joins no group: it
 computes kernel arguments outside kernels.
@@ -44,7 +45,9 @@ ROLE_BY_CATEGORY = {
     "reduction": "reduction",
     "contraction": "matmul",
 }
-ROLE_BY_KIND = {"broadcast_in_dim": "elementwise", "iota": "elementwise"}
+# mtia-jax's matmul kernels take epilogues like dot_general
+ROLE_BY_KIND = {"broadcast_in_dim": "elementwise", "iota": "elementwise",
+                "mx_matmul": "matmul", "swiglu": "matmul"}
 GENERATORS = frozenset({"broadcast_in_dim", "iota"})
 
 # (group pattern, role of the joining op) -> the group's new pattern

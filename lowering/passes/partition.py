@@ -22,6 +22,8 @@ table of rules keyed by op kind or category:
 - reductions: a sum over a split dim is a partial sum; max/min all-reduce;
 - broadcasts, transposes, reshapes, squeezes map dims; slices, concatenation,
   padding, reversal, sorting and scans along a dim keep the other dims split;
+  scatters keep their batching dims and whole window dims split (a KV-cache
+  write stays on each device's sequences and heads);
 - embedding lookups (``gather``, ``embedding_bag``) from tables split
   table-, row- or column-wise: ``partition_embedding``;
 - ``moe_ffn`` (expert parallelism: all-to-all dispatch and return) and
@@ -462,6 +464,41 @@ def _along_dims_rule(dims_of: Callable[[Op], set], shape_params: tuple = ()):
     return rule
 
 
+def _scatter_rule(p: Partitioner, op: Op) -> None:
+    """``scatter`` and its combining kinds: operand dims that are batching
+    dims (with the indices' and updates' matching dims) or window dims the
+    updates cover whole keep their split; the scattered dims are gathered.
+    So a KV-cache write (one row per sequence, ``operand_batching_dims`` over
+    the batch) stays on each device's sequences and heads."""
+    operand, indices, updates = op.operands[:3]
+    dn = op.params["dimension_numbers"]
+    rank = len(operand.type.shape)
+    batching = tuple(getattr(dn, "operand_batching_dims", ()))
+    index_batching = tuple(getattr(dn, "scatter_indices_batching_dims", ()))
+    window = [d for d in range(rank) if d not in dn.inserted_window_dims and d not in batching]
+    update_of = dict(zip(window, dn.update_window_dims))
+    scattered_update_dims = [d for d in range(len(updates.type.shape)) if d not in dn.update_window_dims]
+    index_dims = list(range(len(indices.type.shape) - 1))  # the last is the index vector
+    p.resolve(operand)
+    target = [None] * rank
+    for d in window:
+        if updates.type.shape[update_of[d]] == operand.type.shape[d]:
+            target[d] = p.spec[operand][d]
+    for d in batching:
+        target[d] = p.spec[operand][d]
+    target = [a if a is not None and p.fits(n, a) else None for n, a in zip(operand.type.shape, target)]
+    index_spec = [None] * len(indices.type.shape)
+    update_spec = [None] * len(updates.type.shape)
+    for d in window:
+        update_spec[update_of[d]] = target[d]
+    for d, index_dim in zip(batching, index_batching):
+        index_spec[index_dim] = target[d]
+        update_spec[scattered_update_dims[index_dims.index(index_dim)]] = target[d]
+    operands = [p.to_spec(operand, tuple(target)), p.to_spec(indices, tuple(index_spec)),
+                p.to_spec(updates, tuple(update_spec)), *(p.replicated(v) for v in op.operands[3:])]
+    p.same_op(op, operands, [tuple(target)])
+
+
 def _slice_dims(op: Op) -> set:
     (x,) = op.operands
     strides = op.params.get("strides") or (1,) * len(x.type.shape)
@@ -645,6 +682,8 @@ RULES_BY_KIND: dict[str, Callable[[Partitioner, Op], None]] = {
         lambda op: {d for d, (n, k) in enumerate(zip(op.operands[0].type.shape, op.operands[1].type.shape))
                     if n != k}),
     "flash_attention": _flash_attention_rule,
+    **{k: _scatter_rule for k in ("scatter", "scatter-add", "scatter-sub", "scatter-mul",
+                                  "scatter-min", "scatter-max")},
     "rms_norm": _norm_rule,
     "layer_norm": _norm_rule,
     "swiglu": _swiglu_rule,

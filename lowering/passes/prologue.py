@@ -76,12 +76,13 @@ def _pattern(op: Op) -> str:
                                                                     op.kind)
 
 
-def _merge(producer: Op, consumer: Op) -> Op:
-    """``consumer`` with ``producer``'s ops in front, as one fused kernel."""
-    made = set(producer.results)
+def _merge(producer: Op, views: list[Op], consumer: Op) -> Op:
+    """``consumer`` with ``producer``'s ops (and the views between them) in
+    front, as one fused kernel."""
+    made = {r for op in (producer, *views) for r in op.results}
     inputs = list(dict.fromkeys([*producer.operands,
                                  *(v for v in consumer.operands if v not in made)]))
-    ops = _body_ops(producer) + _body_ops(consumer)
+    ops = [o for op in (producer, *views) for o in _body_ops(op)] + _body_ops(consumer)
     body = Module(f"fused_{_pattern(consumer)}", inputs, ops, list(consumer.results))
     attrs = {k: v for k, v in consumer.attrs.items() if k not in ("primitive", "params")} \
         if consumer.kind == "fused_kernel" else {}
@@ -99,22 +100,41 @@ def _fuse(module: Module) -> Module:
         for v in op.operands:
             readers.setdefault(v, set()).add(index)
     outputs = set(module.outputs)
+
+    def readers_through_views(op: Op) -> tuple[list[int], list[int]] | None:
+        """(the kernels reading ``op``'s results, directly or through views;
+        those views), or None if a result or a view of it is a program output."""
+        consumers, views, frontier = set(), [], list(op.results)
+        while frontier:
+            v = frontier.pop()
+            if v in outputs:
+                return None
+            for i in readers.get(v, ()):
+                if is_view(ops[i]):
+                    views.append(i)
+                    frontier.extend(ops[i].results)
+                else:
+                    consumers.add(i)
+        return sorted(consumers), sorted(set(views))
+
     for index in range(len(ops) - 1, -1, -1):
         op = ops[index]
-        if not _is_producer(op) or any(r in outputs for r in op.results):
+        found = readers_through_views(op) if _is_producer(op) else None
+        if found is None:
             continue
-        consumers = sorted({i for r in op.results for i in readers.get(r, ())})
+        consumers, views = found
         n = len(consumers)
         if not consumers or n > MAX_CONSUMERS or not all(_takes_prologue(ops[i]) for i in consumers):
             continue
         if n * _nbytes(op.operands) > _nbytes(op.operands) + (1 + n) * _nbytes(op.results):
             continue
-        for i in consumers:
-            ops[i] = _merge(op, ops[i])
+        for i in consumers:  # views a consumer does not read are dropped with the dead code
+            ops[i] = _merge(op, [ops[j] for j in views], ops[i])
         for v in op.operands:
             readers[v].discard(index)
             readers[v].update(consumers)
-        ops[index] = None
+        for j in (index, *views):
+            ops[j] = None
     return dataclasses.replace(module, ops=[op for op in ops if op is not None])
 
 

@@ -111,8 +111,16 @@ def _conv_shape(op: Op) -> GemmShape:
                      lhs.type.nbytes, rhs.type.nbytes, out.nbytes, np.dtype(lhs.type.dtype).name)
 
 
+def _swiglu_shape(op: Op) -> GemmShape:
+    """``swiglu``: x (M, D) against the gate and up weights side by side (D, 2F)."""
+    x, w_gate, w_up = (v.type for v in op.operands)
+    d, f = w_gate.shape
+    return GemmShape(1, x.size // max(d, 1), 2 * f, d, x.nbytes, w_gate.nbytes + w_up.nbytes,
+                     op.results[0].type.nbytes, np.dtype(np.result_type(x.dtype, w_gate.dtype)).name)
+
+
 GEMM_SHAPES = {"dot_general": _dot_shape, "conv_general_dilated": _conv_shape,
-               "mx_matmul": precision.mx_matmul_gemm_shape}
+               "mx_matmul": precision.mx_matmul_gemm_shape, "swiglu": _swiglu_shape}
 
 
 def _pow2_upto(n: int) -> list[int]:
@@ -202,7 +210,7 @@ def _tiled_op(op: Op) -> Op | None:
         return op
     if op.kind == "fused_kernel":
         inner = [o for o in op.regions["body"].ops if o.kind in GEMM_SHAPES]
-        if len(inner) == 1 and all(v in op.operands for v in inner[0].operands):
+        if len(inner) == 1:
             return inner[0]
         reductions = [o for o in op.regions["body"].ops if KIND_CATEGORY.get(o.kind) == "reduction"]
         if reductions:
