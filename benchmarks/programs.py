@@ -94,7 +94,8 @@ def rms_norm(x, w, eps=1e-5):
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype) * w
 
 
-def llama_step(params, cache_k, cache_v, tokens, position, *, heads, kv_heads):
+def llama_step(params, cache_k, cache_v, tokens, position, *, heads, kv_heads,
+               grouped_attention=True):
     """T new tokens per sequence through a Llama-style model, layers under ``lax.scan``.
 
     tokens (B, T) int32 are written to the caches (L, B, S, KV, Dh) at
@@ -102,6 +103,11 @@ def llama_step(params, cache_k, cache_v, tokens, position, *, heads, kv_heads):
     positions up to its own (a prompt of T tokens from position 0 is causal
     prefill; T = 1 is a decode step). Keys and values are stored in the
     caches' dtype and attention runs in it, so an FP8 cache is read as FP8.
+    The caches are carried through the scan over layers and written in place
+    (donate them: ``donate_argnums=(1, 2)``), as serving engines do.
+    ``grouped_attention=False`` runs one attention per query head of a group
+    (each reading its K/V head's cache), as an attention kernel that is not
+    GQA-aware does; the numbers are the same.
     Returns the logits of the last new token (B, vocab) and the updated caches."""
     x = params["embed"][tokens]                                # (B, T, D)
     b, t, d = x.shape
@@ -109,36 +115,53 @@ def llama_step(params, cache_k, cache_v, tokens, position, *, heads, kv_heads):
     group = heads // kv_heads
     kv_dtype = cache_k.dtype
 
-    def layer(x, weights):
-        w, ck, cv = weights
+    def layer(carry, weights):
+        x, cache_k, cache_v = carry
+        w, index = weights
         h = rms_norm(x, w["ln1"])
         q = (h @ w["wq"]).reshape(b, t, kv_heads, group, dh).astype(kv_dtype)
         k = (h @ w["wk"]).reshape(b, t, kv_heads, dh).astype(kv_dtype)
         v = (h @ w["wv"]).reshape(b, t, kv_heads, dh).astype(kv_dtype)
-        ck = jax.lax.dynamic_update_slice_in_dim(ck, k, position, axis=1)
-        cv = jax.lax.dynamic_update_slice_in_dim(cv, v, position, axis=1)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, ck) / np.sqrt(dh).astype(kv_dtype)
+        at = (index, 0, position, 0, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k[None], at)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v[None], at)
+        ck = jax.lax.dynamic_index_in_dim(cache_k, index, 0, keepdims=False)
+        cv = jax.lax.dynamic_index_in_dim(cache_v, index, 0, keepdims=False)
         live = jnp.arange(ck.shape[1])[None, :] <= position + jnp.arange(t)[:, None]  # (T, S)
-        scores = jnp.where(live, scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(kv_dtype)
-        attn = jnp.einsum("bkgqs,bskd->bqkgd", probs, cv).astype(x.dtype).reshape(b, t, d)
+        if grouped_attention:
+            attn = _attend(q, ck, cv, live, "bqkgd,bskd->bkgqs", "bkgqs,bskd->bqkgd")
+        else:
+            attn = jnp.stack([_attend(q[:, :, :, g], ck, cv, live, "bqkd,bskd->bkqs",
+                                      "bkqs,bskd->bqkd") for g in range(group)], axis=3)
+        attn = attn.astype(x.dtype).reshape(b, t, d)
         x = x + attn @ w["wo"]
         h = rms_norm(x, w["ln2"])
         x = x + (jax.nn.silu(h @ w["w1"]) * (h @ w["w3"])) @ w["w2"]
-        return x, (ck, cv)
+        return (x, cache_k, cache_v), None
 
-    x, (cache_k, cache_v) = jax.lax.scan(layer, x, (params["layers"], cache_k, cache_v))
+    layers = jnp.arange(cache_k.shape[0], dtype=jnp.int32)
+    (x, cache_k, cache_v), _ = jax.lax.scan(layer, (x, cache_k, cache_v), (params["layers"], layers))
     logits = rms_norm(x[:, -1:], params["ln_f"])[:, 0, :] @ params["unembed"]
     return logits, cache_k, cache_v
 
 
-def llama_decode_step(params, cache_k, cache_v, tokens, position, *, heads, kv_heads):
+def _attend(q, ck, cv, live, scores_spec: str, values_spec: str):
+    """Softmax attention of ``q`` over the cache, masked to ``live`` (T, S)."""
+    dh = q.shape[-1]
+    scores = jnp.einsum(scores_spec, q, ck) / np.sqrt(dh).astype(ck.dtype)
+    scores = jnp.where(live, scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(ck.dtype)
+    return jnp.einsum(values_spec, probs, cv)
+
+
+def llama_decode_step(params, cache_k, cache_v, tokens, position, *, heads, kv_heads,
+                      grouped_attention=True):
     """One decode step of a Llama-style model (``llama_step`` with T = 1).
 
     tokens (B,) int32; caches (L, B, S, KV, Dh); position: int32 scalar.
     Returns logits (B, vocab) and the updated caches."""
     return llama_step(params, cache_k, cache_v, tokens[:, None], position,
-                      heads=heads, kv_heads=kv_heads)
+                      heads=heads, kv_heads=kv_heads, grouped_attention=grouped_attention)
 
 
 def llama_shapes(config: dict, batch: int, cache_len: int, dtype=jnp.bfloat16, kv_dtype=None):

@@ -34,12 +34,34 @@ SPLITS = ("train", "held-out")
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """Where measurements come from."""
+    """Where measurements come from.
+
+    ``grouped_decode_attention``: whether the measured engine's
+    generation-phase attention reads each K/V head once for its whole group
+    of query heads (GQA-aware). False: it runs one attention per query head,
+    each reading the cache of its K/V head, so a group of G query heads
+    reads the cache G times. ``launch``: how the engine launches kernels,
+    "eager" (the host, one at a time) or "graph" (a recorded graph)."""
 
     title: str
     url: str
     framework: str
     note: str = ""
+    grouped_decode_attention: bool = True
+    launch: str = "eager"
+
+
+# TensorRT-LLM's GQA-aware generation kernel (XQA) came with v0.8: its blog
+# (docs/source/blogs/XQA-kernel.md, https://nvidia.github.io/TensorRT-LLM/blogs/
+# XQA-kernel.html) gives Llama-70B 128/2048 on one H200 at 1,227 out tok/s/GPU
+# without XQA and 2,941 with it ("will be included in the v0.8 releases"). The
+# v0.5 and v0.6.1 measurements predate it: their masked multi-head attention
+# runs one attention per query head. The H200F rows (v0.7a) are XQA runs: r21
+# is the blog's 2,941.
+_PRE_XQA = ("generation-phase attention before the XQA GQA kernel (TensorRT-LLM v0.8, XQA "
+            "blog): one attention per query head")
+_LAUNCH = ("kernels launched by the host one at a time (assumption: the sources' commands "
+           "enable no CUDA graph)")
 
 
 SOURCES = {
@@ -52,14 +74,14 @@ SOURCES = {
         "docs/source/performance.md",
         "TensorRT-LLM v0.6.1 (throughput) / v0.5 (first-token latency), gptSessionBenchmark, "
         "H100 SXM 80GB",
-        "hardware-facts key TRT061"),
+        f"hardware-facts key TRT061; {_PRE_XQA}; {_LAUNCH}", grouped_decode_attention=False),
     "H200L": Source(
         "NVIDIA TensorRT-LLM blog 'H200 achieves nearly 12,000 tokens/sec on Llama2-13B with "
         "TensorRT-LLM', table 'H200 FP8 Max throughput' (batch = largest power of 2 that fits)",
         "https://github.com/NVIDIA/TensorRT-LLM/blob/1555478c1b417a0b34de05209862ea5a2ab9add1/"
         "docs/source/blogs/H200launch.md",
         "TensorRT-LLM v0.5.0, TensorRT 9.1.0.4, H200 SXM 141GB ('preliminary measured "
-        "performance')"),
+        "performance')", f"{_PRE_XQA}; {_LAUNCH}", grouped_decode_attention=False),
     "H200F": Source(
         "NVIDIA TensorRT-LLM blog 'Falcon-180B on a single H200 GPU with INT4 AWQ, and 6.7x "
         "faster Llama-70B over A100', table 'H200 6.7x A100' (Llama2-70B, 1 GPU rows; the "
@@ -67,7 +89,9 @@ SOURCES = {
         "total_latency / tp)",
         "https://github.com/NVIDIA/TensorRT-LLM/blob/3c44cb974badec8966108b16054a99c0923e410d/"
         "docs/source/blogs/Falcon180B-H200.md",
-        "TensorRT-LLM v0.7a, H200 SXM 141GB ('preliminary measured performance')"),
+        "TensorRT-LLM v0.7a, H200 SXM 141GB ('preliminary measured performance')",
+        f"generation-phase attention with the XQA GQA kernel (r21 is the XQA blog's 'with "
+        f"XQA' figure); {_LAUNCH}"),
     "MLP40": Source(
         "MLCommons Inference v4.0 results, NVIDIA closed division: results/<system>/dlrm-v2-99/"
         "Offline/performance/run_1/mlperf_log_summary.txt ('Samples per second') for "

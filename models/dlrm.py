@@ -701,14 +701,15 @@ def input_shapes(cfg: Config, batch: int) -> tuple:
     return dense, tuple(jax.ShapeDtypeStruct((batch, h), jnp.int32) for h in cfg.multi_hot)
 
 
-def estimate(cfg: Config, batch: int, *, chip=None, mesh=None, precision=None):
+def estimate(cfg: Config, batch: int, *, chip=None, mesh=None, precision=None, mode="graph"):
     """``mtia_jax.estimate`` of one forward pass of ``batch`` samples from
     shapes only (the MLPerf model on one chip or a mesh in seconds); on a mesh
-    with ``shardings``. Modeled queries/s = ``batch / report.time_s``."""
+    with ``shardings``; ``mode``: how kernels are launched, as for
+    ``mtia_jax.estimate``. Modeled queries/s = ``batch / report.time_s``."""
     fn = functools.partial(forward, cfg, mesh=mesh)
     args = (param_shapes(cfg), *input_shapes(cfg, batch))
     if mesh is None:
-        return mtia_jax.estimate(fn, *args, chip=chip, precision=precision)
+        return mtia_jax.estimate(fn, *args, chip=chip, precision=precision, mode=mode)
     pspecs, (dspec, sspecs) = shardings(cfg, mesh, batch)
     return mtia_jax.estimate(fn, *args, chip=chip, precision=precision, mesh=mesh,
-                             in_shardings=(pspecs, dspec, sspecs))
+                             in_shardings=(pspecs, dspec, sspecs), mode=mode)

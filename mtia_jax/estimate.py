@@ -133,7 +133,7 @@ def _as_struct(x):
 
 def estimate(fun, *args, chip=None, mesh=None, in_shardings=None, out_shardings=None,
              precision=None, static_argnums=(), static_argnames=(), donate_argnums=(),
-             loop_trips=None, **kwargs) -> Report:
+             loop_trips=None, mode="graph", **kwargs) -> Report:
     """Model ``fun(*args, **kwargs)`` on ``chip`` from shapes only; see the module doc.
 
     With a mesh (``mesh=`` or ``NamedSharding`` shardings) the program is
@@ -144,7 +144,10 @@ def estimate(fun, *args, chip=None, mesh=None, in_shardings=None, out_shardings=
     number for all, or a dict keyed by the loop's source line ``"file.py:12"``,
     its line number, or its path); loops with a count fixed by the program
     need none. A loop left without a count is charged one trip per execution,
-    with a warning and a line in ``table()``."""
+    with a warning and a line in ``table()``. ``mode``: how kernels are
+    launched, as for ``jit``: "graph" (the device's command processor
+    launches the recorded kernels, each launch overlapping the kernel before
+    it) or "eager" (the host launches one kernel at a time)."""
     jitted = api.jit(fun, chip=chip, precision=precision, static_argnums=static_argnums,
                      static_argnames=static_argnames, donate_argnums=donate_argnums,
                      in_shardings=in_shardings, out_shardings=out_shardings, mesh=mesh)
@@ -155,7 +158,7 @@ def estimate(fun, *args, chip=None, mesh=None, in_shardings=None, out_shardings=
               for k, v in kwargs.items()}
     lowered = jitted.lower(*args, **kwargs)
     module, memory = lowered.optimize()
-    cost = program_cost(module, lowered.chip, loop_trips=loop_trips)
+    cost = program_cost(module, lowered.chip, loop_trips=loop_trips, mode=mode)
     for loop in cost.assumed_loops:
         warnings.warn(f"mtia_jax.estimate: the while loop at {loop} runs a data-dependent "
                       f"number of trips; it is modeled at 1 trip per execution. Pass "

@@ -146,6 +146,9 @@ class ProgramCost:
     # while loops charged one trip per execution: their trip count depends on
     # data, has not been measured and was not given ("source line [op path]")
     assumed_loops: tuple[str, ...] = ()
+    # per kernel, the kernels launched just before it: ((index, share of its
+    # executions), ...); what its launch overlaps in graph mode
+    launched_after: tuple = ()
 
     def total(self, field: str) -> float:
         return float(sum(getattr(k, field) for k in self.kernels))
@@ -372,4 +375,4 @@ def program_cost(module: Module, chip: ChipSpec, trip_counts: Mapping[str, float
     roofline = max(compute_floor, min_bytes / chip.hbm_bandwidth)
     return ProgramCost(chip=chip.name, kernels=tuple(kernels), roofline_time_s=roofline,
                        min_hbm_bytes=min_bytes, time_s=makespan,
-                       assumed_loops=tuple(walk.assumed_loops))
+                       assumed_loops=tuple(walk.assumed_loops), launched_after=tuple(walk.before))
