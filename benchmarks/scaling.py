@@ -38,7 +38,8 @@ def step(config, data: int, model: int):
     mesh = mtia_jax.make_mesh((data, model), ("data", "model"), chip=CHIP)
     fn = functools.partial(programs.llama_decode_step, heads=config["heads"], kv_heads=config["kv_heads"])
     return batch, mtia_jax.estimate(fn, *programs.llama_shapes(config, batch, CACHE), chip=CHIP, mesh=mesh,
-                                    in_shardings=programs.llama_shardings(config, model))
+                                    in_shardings=programs.llama_shardings(config, model),
+                                    donate_argnums=(1, 2))  # the KV caches are written in place
 
 
 def mixtral_step(data: int, model: int, rules: dict | None = None):
@@ -49,7 +50,8 @@ def mixtral_step(data: int, model: int, rules: dict | None = None):
     pspecs, cspecs, tspec = tf.shardings(cfg, mesh, batch, rules)
     return batch, mtia_jax.estimate(functools.partial(tf.decode, cfg), tf.param_shapes(cfg),
                                     jax.ShapeDtypeStruct((batch,), jnp.int32), tf.cache_shapes(cfg, batch, CACHE),
-                                    chip=CHIP, mesh=mesh, in_shardings=(pspecs, tspec, cspecs))
+                                    chip=CHIP, mesh=mesh, in_shardings=(pspecs, tspec, cspecs),
+                                    donate_argnums=(2,))
 
 
 def mixtral_table():

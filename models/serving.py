@@ -297,10 +297,12 @@ class _Program:
     """An ``mtia_jax.jit`` function whose compiled programs are kept per input
     shapes, so each call's modeled ``time_s`` is known."""
 
-    def __init__(self, name: str, fun: Callable, engine: "ServingEngine", in_shardings=None):
+    def __init__(self, name: str, fun: Callable, engine: "ServingEngine", in_shardings=None,
+                 donate_argnums=()):
         self.name, self.engine = name, engine
         self.jitted = api.jit(fun, chip=engine.chip, precision=engine.precision,
-                              in_shardings=in_shardings, mesh=engine.mesh if in_shardings else None)
+                              in_shardings=in_shardings, mesh=engine.mesh if in_shardings else None,
+                              donate_argnums=donate_argnums)
         self.compiled: dict = {}
 
     def __call__(self, *args):
@@ -380,8 +382,11 @@ class ServingEngine:
             pspecs = cspecs = pre_sh = dec_sh = ins_sh = None
             self.devices = 1
         self._prefill = _Program("prefill", functools.partial(tf.prefill, cfg), self, pre_sh)
-        self._decode = _Program("decode", functools.partial(tf.decode, cfg), self, dec_sh)
-        self._insert = _Program("insert", _insert, self, ins_sh)
+        # the KV cache is donated: decode writes each step's rows and insert a
+        # prefilled sequence in place, as a serving engine's cache does
+        self._decode = _Program("decode", functools.partial(tf.decode, cfg), self, dec_sh,
+                                donate_argnums=(2,))
+        self._insert = _Program("insert", _insert, self, ins_sh, donate_argnums=(0,))
         self.weights_bytes = weight_bytes(params, precision, pspecs, mesh)
         self.kv_cache_bytes = kv_cache_bytes(self.cache, cspecs, mesh)
 
