@@ -280,8 +280,8 @@ class PhaseCost:
                                   self.hbm_s / constants["hbm_efficiency"], link])
         each = busy / np.maximum(self.counts, 1e-30)
         launch = constants["kernel_launch_s"]
-        exposed = np.array([launch if self.eager or not before else
-                            sum(w * max(0.0, launch - each[j]) for j, w in before)
+        exposed = np.array([launch if self.eager else
+                            sum(w * max(0.0, launch - (0.0 if j is None else each[j])) for j, w in before)
                             for before in self.after])
         return float(busy.sum() + (self.counts * exposed).sum())
 

@@ -147,7 +147,8 @@ class ProgramCost:
     # data, has not been measured and was not given ("source line [op path]")
     assumed_loops: tuple[str, ...] = ()
     # per kernel, the kernels launched just before it: ((index, share of its
-    # executions), ...); what its launch overlaps in graph mode
+    # executions), ...), index None for the program's start; what its launch
+    # overlaps in graph mode
     launched_after: tuple = ()
 
     def total(self, field: str) -> float:
@@ -237,8 +238,7 @@ def _graph_launches(kernels, before, launch_s: float) -> list[KernelCost]:
     durations = [_duration(k) for k in kernels]
     placed = []
     for k, previous in zip(kernels, before):
-        exposed = sum(w * max(0.0, launch_s - durations[i]) for i, w in previous) if previous \
-            else launch_s
+        exposed = sum(w * max(0.0, launch_s - (0.0 if i is None else durations[i])) for i, w in previous)
         placed.append(dataclasses.replace(k, launch_s=exposed * k.count))
     return placed
 
@@ -267,12 +267,13 @@ class _Walk:
         self.trip_counts = trip_counts
         self.loop_trips = loop_trips
         self.kernels: list[KernelCost] = []
-        # the kernels launched just before each kernel: (index, share of its executions)
-        self.before: list[tuple[tuple[int, float], ...]] = []
+        # the kernels launched just before each kernel: (index, share of its
+        # executions); index None: nothing runs before it (the program's start)
+        self.before: list[tuple[tuple[int | None, float], ...]] = []
         self.assumed_loops: list[str] = []
 
     def add(self, kernel: KernelCost) -> None:
-        self.before.append(((len(self.kernels) - 1, 1.0),) if self.kernels else ())
+        self.before.append(((len(self.kernels) - 1 if self.kernels else None, 1.0),))
         self.kernels.append(kernel)
 
     def module(self, module: Module, executions: float, prefix: str) -> None:

@@ -88,12 +88,17 @@ class _Reads:
         if op.kind in REGION_KINDS:
             reads = [executions * _Reads(op.regions[name]).touched(op.regions[name].params[index])
                      for name, index, executions in REGION_PARAMS[op.kind](op, position)]
-            return min(reads, default=0.0) if op.kind == "cond" else sum(reads)
+            inside = min(reads, default=0.0) if op.kind == "cond" else sum(reads)
+            carried = [r for r in op.results if (found := alias(op, r)) is not None and found[0] == position]
+            return inside + sum(self.touched(r) for r in carried)
         if is_view(op):  # its readers read the operand's bytes
             return sum(self.touched(r) for r in op.results)
-        if op.kind in UPDATE_KINDS and position == 0 and op.attrs.get("in_place"):
-            return 0.0  # overwritten in place (a combining update's reads are in its work)
-        return kernel_reads_writes(op)[0][position]
+        # an update in place: the kernel reads what its work says (a combining
+        # update the old rows), and the readers of its result read the rest of
+        # the operand's bytes, in the same buffer
+        aliased = [r for r in op.results if (found := alias(op, r)) is not None and found[0] == position]
+        own = 0.0 if op.kind in REGION_KINDS else kernel_reads_writes(op)[0][position]
+        return own + sum(self.touched(r) for r in aliased)
 
 
 def floor_bytes(module: Module) -> float:
@@ -126,42 +131,61 @@ def _written(module: Module, output: Value) -> float:
 
 
 def _written_by_region(op: Op, k: int) -> float:
-    """Bytes the region(s) of ``op`` write of its result ``k`` over their runs."""
+    """Bytes the region(s) of ``op`` write of its result ``k`` over their runs
+    (all of it for a carry the loop copies into a buffer of its own first)."""
     if op.kind == "cond":
         return min(_written(r, r.outputs[k]) for r in op.regions.values())
+    carries, _, _ = LOOP_CARRIES[op.kind](op)
+    if k < len(carries) and carries[k] in op.attrs.get("copied_carries", ()):
+        return float(op.results[k].type.nbytes)
     body = op.regions["body"]
     trips = float(op.params["length"]) if op.kind == "scan" else float(op.attrs.get("trips", 1))
     return trips * _written(body, body.outputs[k])
 
 
+def alias(op: Op, result: Value) -> tuple[int, float] | None:
+    """``(operand index, bytes written)`` when ``op`` produces ``result`` in
+    the buffer of that operand (``lowering.passes.inplace``): an update in
+    place, a fused kernel around one, or a loop that carries the buffer and
+    updates it in place on every trip; else None."""
+    if op.kind in UPDATE_KINDS:
+        return (0, kernel_reads_writes(op)[1]) if op.attrs.get("in_place") else None
+    if op.kind == "fused_kernel" and op.attrs.get("in_place"):
+        body = op.regions["body"]
+        rows = _rows_written_in_place(body, body.outputs[op.results.index(result)], body.producers())
+        if rows is None:
+            return None
+        # the parameter at the start of the chain of in-place updates
+        producers, value = body.producers(), body.outputs[op.results.index(result)]
+        while value not in body.params:
+            value = producers[value].operands[0]
+        return body.params.index(value), rows
+    if op.kind in LOOP_CARRIES:
+        carries, region, _ = LOOP_CARRIES[op.kind](op)
+        k = op.results.index(result)
+        if k >= len(carries) or carries[k] in op.attrs.get("copied_carries", ()):
+            return None
+        body = op.regions[region]
+        per_trip = _rows_written_in_place(body, body.outputs[k], body.producers())
+        if per_trip is None:
+            return None
+        trips = float(op.params["length"]) if op.kind == "scan" else float(op.attrs.get("trips", 1))
+        return carries[k], per_trip * trips
+    return None
+
+
 def _rows_written_in_place(module: Module, value: Value, producers) -> float | None:
     """When ``value`` is a parameter's buffer updated in place (a chain of
-    in-place updates and loops that carry it), the bytes those updates write;
-    else None."""
+    in-place updates, fused kernels around them and loops that carry it),
+    the bytes those updates write; else None."""
     written = 0.0
     while True:
         op = producers.get(value)
         if op is None:
             return written if value in module.params else None
-        if op.kind in UPDATE_KINDS and op.attrs.get("in_place"):
-            written += kernel_reads_writes(op)[1]
-            value = op.operands[0]
-        elif op.kind in LOOP_CARRIES and _carried_in_place(op, value):
-            k = op.results.index(value)
-            carries, region, offset = LOOP_CARRIES[op.kind](op)
-            body = op.regions[region]
-            inner = _rows_written_in_place(body, body.outputs[k], body.producers())
-            if inner is None:
-                return None
-            trips = (float(op.params["length"]) if op.kind == "scan"
-                     else float(op.attrs.get("trips", 1)))
-            written += inner * trips
-            value = op.operands[carries[k]]
-        else:
+        found = alias(op, value)
+        if found is None:
             return None
-
-
-def _carried_in_place(op: Op, result: Value) -> bool:
-    k = op.results.index(result)
-    carries, _, _ = LOOP_CARRIES[op.kind](op)
-    return k < len(carries) and carries[k] not in op.attrs.get("copied_carries", ())
+        index, rows = found
+        written += rows
+        value = op.operands[index]

@@ -197,7 +197,7 @@ def _synthetic_cost(matrix, vector, hbm, counts, eager=True):
     n = len(matrix)
     return validate.PhaseCost(chips.get("h100"), np.array(matrix, float), np.array(vector, float),
                               np.array(hbm, float), np.zeros(n), np.array(counts, float),
-                              tuple(((i - 1, 1.0),) if i else () for i in range(n)), (), eager)
+                              tuple(((i - 1 if i else None, 1.0),) for i in range(n)), (), eager)
 
 
 def test_fit_recovers_known_constants_from_synthetic_rows():

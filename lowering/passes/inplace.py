@@ -129,6 +129,7 @@ def _fused(op: Op, index: int, reusable, root, buffer: dict, updated: set) -> Op
             if in_place:
                 any_in_place = True
                 updated.add(root(target))
+                outer[inner.results[0]] = target  # a later update of it updates the same buffer
                 for result, out in zip(op.results, body.outputs):
                     if out is inner.results[0]:
                         buffer[result] = root(target)
