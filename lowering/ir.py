@@ -51,17 +51,27 @@ class TensorType:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the tensor occupies in memory (MX types counted packed)."""
+        """Bytes the tensor occupies in memory (MX types and sub-byte element
+        types counted packed)."""
         if isinstance(self.dtype, MXType):
             return int(np.ceil(self.size * self.dtype.bits_per_element / 8))
         if is_extended(self.dtype):
             # a PRNG key's itemsize is its key words x 4 bytes (uint32)
             return self.size * int(self.dtype.itemsize)
+        bits = SUB_BYTE_BITS.get(np.dtype(self.dtype).name)
+        if bits is not None:
+            return -(-self.size * bits // 8)
         return self.size * np.dtype(self.dtype).itemsize
 
     def __str__(self) -> str:
         dims = ",".join(str(d) for d in self.shape)
         return f"{dtype_name(self.dtype)}[{dims}]"
+
+
+# element types narrower than a byte: NumPy holds one per byte, the chip
+# stores them packed (MX elements, int4 weights)
+SUB_BYTE_BITS = {"float4_e2m1fn": 4, "float6_e2m3fn": 6, "float6_e3m2fn": 6, "int4": 4, "uint4": 4,
+                 "int2": 2, "uint2": 2}
 
 
 _SHORT_DTYPE = {
