@@ -1,27 +1,34 @@
 """The performance model: a modeled time for every kernel of a program.
 
-Cost model v0. Every op that is a kernel on the device gets
+Every op that is a kernel on the device (``lowering.kernels``: not a view,
+a constant or scalar arithmetic) gets
 
-    time = max(compute, hbm) + launch
+    time    = max(compute, hbm, link) + exposed launch
     compute = FLOPs / achievable FLOP/s of the engine that runs it, for its dtype
-    hbm     = bytes moved between HBM and the chip / achievable HBM bandwidth
+    hbm     = bytes it touches (``runtime.op_work``) / achievable HBM bandwidth
+    link    = a collective's time on the network, a host fallback's on the host link
 
 and a list scheduler (``runtime.schedule``) places the kernels on the
-device's streams (compute, DMA, network, host), which overlap. A kernel inside a region op (a scan
-body, a while loop, a cond branch) is charged once per execution of its
-region: ``length`` times per scan, the measured trip count of a while loop
-(see ``runtime.executor``; one trip per execution is assumed until the
-program has run), and the costliest branch of a cond. The engine is the matrix engine (Dot
-Product Engine) for contractions and the vector units for everything else.
-Every constant comes from the chip catalogue (``mtia_jax.chips``), which
-cites its source. The rules are a table keyed by op kind.
+device's streams (compute, DMA, network, host), which overlap and share the
+HBM. A kernel inside a region op (a scan body, a while loop, a cond branch)
+is charged once per execution of its region: ``length`` times per scan; for
+a while loop the trip count measured at run time (``runtime.executor``),
+else the one the program fixes (``lowering.passes.trip_counts``), else the
+one the user gives (``loop_trips``), else one trip per execution, listed in
+``ProgramCost.assumed_loops``; the costliest branch of a cond. How launches
+are paid is ``LAUNCH_MODELS`` (graph: overlapped with the kernel before;
+eager: each in full). The engine is the matrix engine (Dot Product Engine)
+for contractions and the vector units for everything else. Every constant
+comes from the chip catalogue (``mtia_jax.chips``), which cites its source.
+The rules are tables keyed by op kind. docs/model.md gives the equations
+and the assumptions.
 
 The achievable rates are the chip's peaks times its efficiencies: on the
 matrix engine, peak x the tile's PE utilisation (``lowering.passes.tiling``)
 x ``ChipSpec.matmul_efficiency``; on HBM, bandwidth x
-``ChipSpec.hbm_efficiency`` (scattered rows also at
-``hbm_random_access_efficiency``); the vector units run at their peak. The
-roofline uses the peaks.
+``ChipSpec.hbm_efficiency``, with one DRAM access overhead per scattered run
+(``hbm_random_access_efficiency``); the vector units run at their peak. The
+roofline (``runtime.roofline``) uses the peaks.
 
 Counting conventions follow XLA's ``HloCostAnalysis`` so that figures can be
 compared with ``jax.jit(f).lower(...).compile().cost_analysis()``:
@@ -220,8 +227,6 @@ def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
     return KernelCost(**common, compute_s=max(busy.values()), hbm_s=hbm_time)
 
 
-# ------------------------------------------------------------ region ops
-
 # ------------------------------------------------------------ launches
 
 def _duration(k: KernelCost) -> float:
@@ -252,6 +257,8 @@ def _eager_launches(kernels, before, launch_s: float) -> list[KernelCost]:
 # how kernels are launched (``jit(..., mode=...)``) -> launch time of each kernel
 LAUNCH_MODELS = {"graph": _graph_launches, "eager": _eager_launches}
 
+
+# ------------------------------------------------------------ region ops
 
 def _copy_of(op: Op, index: int) -> Op:
     """The copy a loop makes of operand ``index`` before its first trip."""

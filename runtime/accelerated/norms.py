@@ -1,8 +1,9 @@
 """Work rules for ``rms_norm``, ``layer_norm`` and ``swiglu`` (``mtia_jax.primitives``).
 
 Each is one kernel: its inputs are read from HBM once and its result written
-once (the default operand + result bytes, so no ``hbm_bytes`` override); the
-row statistics and the gate/up activations stay on chip.
+once (the default reads and writes; ``swiglu`` under a precision policy reads
+its MX operands packed); the row statistics and the gate/up activations stay
+on chip.
 
 Per-element and per-row operation counts (our convention; XLA has none for
 fused normalizations). With ``n`` elements in ``rows`` rows of ``D``:
