@@ -58,6 +58,24 @@ def test_matmul_epilogue_with_bias_broadcast_recomputed_inside():
     assert "func @fused_matmul" in after.as_text()
 
 
+def test_a_widening_convert_at_a_groups_end_is_left_to_its_readers():
+    # the residual sum (bf16) leaves the matmul's kernel for a later add; the
+    # float32 convert of it feeds a reduction: kept in the group it would write
+    # 2 x the bytes again, so it leaves the group and is recomputed by its reader
+    def f(x, w, r):
+        y = r + x @ w
+        return y + 1, jnp.sum(y.astype(jnp.float32), axis=-1)
+
+    args = (jnp.ones((4, 8), jnp.bfloat16), jnp.ones((8, 16), jnp.bfloat16), jnp.ones((4, 16), jnp.bfloat16))
+    _, after = _modules(f, *args)
+    matmul = next(op for op in after.ops if op.attrs.get("pattern") == "matmul")
+    assert "convert_element_type" not in matmul.attrs["ops"]
+    # it writes y + 1 and y in bf16, not y in float32 as well
+    assert [r.type.dtype for r in matmul.results] == [jnp.dtype(jnp.bfloat16)] * 2
+    compiled = mtia_jax.jit(f).lower(*args).compile()
+    np.testing.assert_array_equal(compiled(*args)[1], jax.jit(f)(*args)[1])
+
+
 def test_softmax_fuses_producers_into_reductions():
     before, after = _modules(lambda x: jax.nn.softmax(x, axis=-1), jnp.ones((32, 128)))
     kernels = _kernels(after)

@@ -23,7 +23,9 @@ to HBM (XLA does the same).
 
 A group stops growing once a value it produced is read by an op outside it,
 and an op joins a group only if none of its other operands depends on that
-group, so the fused program stays in dependency order.
+group, so the fused program stays in dependency order. Elementwise ops at the
+end of a group that only widen values the group writes anyway (a convert to
+float32) leave it again, to be recomputed by their readers (``prologue``).
 """
 
 from __future__ import annotations
@@ -164,13 +166,39 @@ class _Fuser:
                 ops.append(op)
             group = emit_at.get(index)
             if group is not None:
+                tails = _widening_tails(group, used_outside[group])
                 ops.append(_fused_op(group, used_outside[group]))
+                ops.extend(tails)
         return dce.run(dataclasses.replace(self.module, ops=ops))
 
 
 def summary(ops) -> str:
     """The ``ops`` attribute of a fused kernel: its ops' kinds, views left out."""
     return "+".join(op.kind for op in ops if KIND_CATEGORY.get(op.kind) != "view")
+
+
+def _widening_tails(group: _Group, escaping: set[Value]) -> list[Op]:
+    """Take out of ``group`` (and return, in order) the elementwise ops at its
+    end whose results the group would write and that widen what they read
+    (a convert of the group's bf16 result to float32 for a later reduction,
+    say): left out, the group writes the narrower operand instead and the
+    prologue pass recomputes the widening inside its readers.
+    ``escaping`` is updated to match."""
+    tails: list[Op] = []
+    while len(group.ops) > 1:
+        op = group.ops[-1]
+        newly = [v for v in dict.fromkeys(op.operands) if v in group.values and v not in escaping]
+        read = sum(v.type.nbytes for v in dict.fromkeys(op.operands) if v.type.size > 1)
+        if (_role(op) != "elementwise" or op.kind in GENERATORS
+                or not all(r in escaping for r in op.results)
+                or sum(r.type.nbytes for r in op.results) <= read):
+            break
+        group.ops.pop()
+        group.values.difference_update(op.results)
+        escaping.difference_update(op.results)
+        escaping.update(newly)
+        tails.insert(0, op)
+    return tails
 
 
 def _fused_op(group: _Group, escaping: set[Value]) -> Op:
