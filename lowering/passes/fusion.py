@@ -166,7 +166,7 @@ class _Fuser:
                 ops.append(op)
             group = emit_at.get(index)
             if group is not None:
-                tails = _widening_tails(group, used_outside[group])
+                tails = _widening_tails(group, used_outside[group], set(self.module.outputs))
                 ops.append(_fused_op(group, used_outside[group]))
                 ops.extend(tails)
         return dce.run(dataclasses.replace(self.module, ops=ops))
@@ -177,12 +177,13 @@ def summary(ops) -> str:
     return "+".join(op.kind for op in ops if KIND_CATEGORY.get(op.kind) != "view")
 
 
-def _widening_tails(group: _Group, escaping: set[Value]) -> list[Op]:
+def _widening_tails(group: _Group, escaping: set[Value], outputs: set[Value]) -> list[Op]:
     """Take out of ``group`` (and return, in order) the elementwise ops at its
     end whose results the group would write and that widen what they read
     (a convert of the group's bf16 result to float32 for a later reduction,
     say): left out, the group writes the narrower operand instead and the
-    prologue pass recomputes the widening inside its readers.
+    prologue pass recomputes the widening inside its readers (kernels: a
+    program output must be written whole anyway, so it stays).
     ``escaping`` is updated to match."""
     tails: list[Op] = []
     while len(group.ops) > 1:
@@ -190,7 +191,7 @@ def _widening_tails(group: _Group, escaping: set[Value]) -> list[Op]:
         newly = [v for v in dict.fromkeys(op.operands) if v in group.values and v not in escaping]
         read = sum(v.type.nbytes for v in dict.fromkeys(op.operands) if v.type.size > 1)
         if (_role(op) != "elementwise" or op.kind in GENERATORS
-                or not all(r in escaping for r in op.results)
+                or not all(r in escaping and r not in outputs for r in op.results)
                 or sum(r.type.nbytes for r in op.results) <= read):
             break
         group.ops.pop()
