@@ -37,20 +37,26 @@ from lowering.regions import REGION_KINDS
 from runtime.op_work import kernel_reads_writes
 
 
+def trips(op: Op) -> float:
+    """Trips of one execution of a loop: a scan's length, a while loop's fixed
+    count (``lowering.passes.trip_counts``), else one (the floor's lower bound)."""
+    return float(op.params["length"]) if op.kind == "scan" else float(op.attrs.get("trips", 1))
+
+
 def _scan_params(op: Op, index: int) -> list[tuple[str, int, float]]:
     """(region, parameter index, executions) that operand ``index`` of a scan feeds."""
-    return [("body", index, float(op.params["length"]))]
+    return [("body", index, trips(op))]
 
 
 def _while_params(op: Op, index: int) -> list[tuple[str, int, float]]:
     n_cond, n_body = op.params["cond_nconsts"], op.params["body_nconsts"]
-    trips = float(op.attrs.get("trips", 1))
+    count = trips(op)
     if index < n_cond:
-        return [("cond", index, trips + 1)]
+        return [("cond", index, count + 1)]
     if index < n_cond + n_body:
-        return [("body", index - n_cond, trips)]
+        return [("body", index - n_cond, count)]
     carry = index - n_cond - n_body
-    return [("cond", n_cond + carry, trips + 1), ("body", n_body + carry, trips)]
+    return [("cond", n_cond + carry, count + 1), ("body", n_body + carry, count)]
 
 
 def _cond_params(op: Op, index: int) -> list[tuple[str, int, float]]:
@@ -85,19 +91,17 @@ class _Reads:
         """Bytes ``op`` reads of its operand ``position``."""
         if op.operands[position].type.size <= 1 or is_scalar(op):
             return 0.0  # immediates
+        if is_view(op):  # its readers read the operand's bytes
+            return sum(self.touched(r) for r in op.results)
         if op.kind in REGION_KINDS:
             reads = [executions * _Reads(op.regions[name]).touched(op.regions[name].params[index])
                      for name, index, executions in REGION_PARAMS[op.kind](op, position)]
-            inside = min(reads, default=0.0) if op.kind == "cond" else sum(reads)
-            carried = [r for r in op.results if (found := alias(op, r)) is not None and found[0] == position]
-            return inside + sum(self.touched(r) for r in carried)
-        if is_view(op):  # its readers read the operand's bytes
-            return sum(self.touched(r) for r in op.results)
-        # an update in place: the kernel reads what its work says (a combining
-        # update the old rows), and the readers of its result read the rest of
-        # the operand's bytes, in the same buffer
+            own = min(reads, default=0.0) if op.kind == "cond" else sum(reads)
+        else:
+            own = kernel_reads_writes(op)[0][position]
+        # a result written in place into this operand's buffer (an update, a
+        # loop carrying it): its readers read the operand's bytes too
         aliased = [r for r in op.results if (found := alias(op, r)) is not None and found[0] == position]
-        own = 0.0 if op.kind in REGION_KINDS else kernel_reads_writes(op)[0][position]
         return own + sum(self.touched(r) for r in aliased)
 
 
@@ -139,8 +143,7 @@ def _written_by_region(op: Op, k: int) -> float:
     if k < len(carries) and carries[k] in op.attrs.get("copied_carries", ()):
         return float(op.results[k].type.nbytes)
     body = op.regions["body"]
-    trips = float(op.params["length"]) if op.kind == "scan" else float(op.attrs.get("trips", 1))
-    return trips * _written(body, body.outputs[k])
+    return trips(op) * _written(body, body.outputs[k])
 
 
 def alias(op: Op, result: Value) -> tuple[int, float] | None:
@@ -169,8 +172,7 @@ def alias(op: Op, result: Value) -> tuple[int, float] | None:
         per_trip = _rows_written_in_place(body, body.outputs[k], body.producers())
         if per_trip is None:
             return None
-        trips = float(op.params["length"]) if op.kind == "scan" else float(op.attrs.get("trips", 1))
-        return carries[k], per_trip * trips
+        return carries[k], per_trip * trips(op)
     return None
 
 
