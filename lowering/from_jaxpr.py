@@ -7,18 +7,20 @@ returns the result values. Supporting a new primitive is adding a row.
 
 from __future__ import annotations
 
-import warnings
+import linecache
 import pathlib
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
 from jax.extend import core as jcore
 from jax._src import source_info_util
+from jax._src.lax.lax import optimization_barrier_p
 
 from mtia_jax.errors import MTIAHostFallbackWarning, UnsupportedOperationError
 from lowering.ir import Module, Op, SourceLoc, TensorType, Value, is_extended
-from lowering.op_kinds import (GENERIC_PRIMITIVES, HOST_DTYPE_REASONS, HOST_PRIMITIVES,
-                               KIND_CATEGORY, NO_KERNEL)
+from lowering.op_kinds import (GENERIC_PRIMITIVES, HOST_CALLBACKS, HOST_DTYPE_REASONS,
+                               HOST_PRIMITIVES, KIND_CATEGORY, NO_KERNEL)
 from lowering import collectives, regions
 
 # ------------------------------------------------------------- primitives
@@ -33,8 +35,6 @@ CALL_PRIMITIVES = {
     "core_call": "call_jaxpr",
     "custom_jvp_call": "call_jaxpr",
     "custom_vjp_call": "call_jaxpr",
-    "checkpoint": "jaxpr",
-    "remat": "jaxpr",
 }
 
 # Frames inside mtia-jax itself are never the user's line.
@@ -73,10 +73,10 @@ def _inline_rule(builder: "Builder", eqn: jcore.JaxprEqn, operands: list[Value])
 # ``host_fallback`` op. It keeps the primitive and params, so its numerics
 # are still ``primitive.bind``; the cost model charges the host-link round trip.
 
-_HOST_FALLBACK_WARNED: set[tuple[str, str | None, int | None]] = set()
+_HOST_FALLBACK_WARNED: set[tuple[str | None, int | None]] = set()
 
 
-def _host_dtype_reason(eqn: jcore.JaxprEqn) -> str | None:
+def _host_dtype_reason(eqn: jcore.JaxprEqn) -> tuple[str, str] | None:
     for var in (*eqn.invars, *eqn.outvars):
         dtype = getattr(var.aval, "dtype", None)
         if dtype is not None and not is_extended(dtype):
@@ -86,16 +86,21 @@ def _host_dtype_reason(eqn: jcore.JaxprEqn) -> str | None:
     return None
 
 
-def _warn_host_fallback(name: str, reason: str, source: SourceLoc | None) -> None:
-    """Warn once per (primitive, user source line) per process."""
-    key = (name, source.file, source.line) if source else (name, None, None)
+def _warn_host_fallback(name: str, reason: tuple[str, str], source: SourceLoc | None) -> None:
+    """Warn once per user source line per process (a line such as
+    ``jnp.fft.irfft(x)`` imports several host ops; the first names the cause),
+    quoting the line and giving the advice that fits the cause."""
+    key = (source.file, source.line) if source else (name, None)
     if key in _HOST_FALLBACK_WARNED:
         return
     _HOST_FALLBACK_WARNED.add(key)
+    why, advice = reason
+    code = linecache.getline(source.file, source.line).strip() if source else ""
+    what = f"`{code}`" if code else f"'{name}'"
     where = f" at {source.file}:{source.line}" if source else ""
-    message = (f"mtia_jax.jit: '{name}'{where} runs on the host CPU: {reason}. Its operands "
-               f"and results cross the host link (modeled in cost_analysis). To keep it on "
-               f"the chip, compute in float32/bfloat16 with supported operations.")
+    message = (f"mtia_jax.jit: {what}{where} runs on the host CPU ('{name}': {why}). Its "
+               f"operands and results cross the host link (modeled in cost_analysis). To "
+               f"change that, {advice}.")
     if source is not None:
         warnings.warn_explicit(message, MTIAHostFallbackWarning, source.file, source.line)
     else:
@@ -103,23 +108,27 @@ def _warn_host_fallback(name: str, reason: str, source: SourceLoc | None) -> Non
 
 
 def _emit_host_fallback(builder: "Builder", eqn: jcore.JaxprEqn, operands: list[Value],
-                        reason: str) -> list[Value]:
+                        reason: tuple[str, str], warn: bool = True) -> list[Value]:
     name = eqn.primitive.name
     results = [builder.new_value(v.aval) for v in eqn.outvars]
-    builder.emit(Op(
-        kind="host_fallback",
-        operands=operands,
-        results=results,
-        attrs={"primitive": eqn.primitive, "op": name, "params": dict(eqn.params),
-               "reason": reason},
-        source=builder.current_source,
-    ))
-    _warn_host_fallback(name, reason, builder.current_source)
+    attrs = {"primitive": eqn.primitive, "op": name, "params": dict(eqn.params), "reason": reason[0]}
+    if eqn.effects:  # printing, io: kept even when nothing reads a result, never merged
+        attrs["effects"] = True
+    builder.emit(Op(kind="host_fallback", operands=operands, results=results, attrs=attrs,
+                    source=builder.current_source))
+    if warn:
+        _warn_host_fallback(name, reason, builder.current_source)
     return results
 
 
+def _callback_rule(builder: "Builder", eqn: jcore.JaxprEqn, operands: list[Value]) -> list[Value]:
+    # a callback into Python runs on the host by design: no warning
+    return _emit_host_fallback(builder, eqn, operands, ("a callback into Python", ""), warn=False)
+
+
 def _host_fallback_rule(builder: "Builder", eqn: jcore.JaxprEqn, operands: list[Value]) -> list[Value]:
-    reason = HOST_PRIMITIVES.get(eqn.primitive.name) or _host_dtype_reason(eqn) or "no MTIA kernel"
+    reason = (HOST_PRIMITIVES.get(eqn.primitive.name) or _host_dtype_reason(eqn)
+              or ("no MTIA kernel", "run it outside mtia_jax.jit"))
     return _emit_host_fallback(builder, eqn, operands, reason)
 
 
@@ -147,6 +156,30 @@ def _custom_linear_solve_rule(builder: "Builder", eqn: jcore.JaxprEqn,
     return builder.import_jaxpr(solve.jaxpr, solve.consts, [*solve_consts, *b])
 
 
+def _remat_rule(builder: "Builder", eqn: jcore.JaxprEqn, operands: list[Value]) -> list[Value]:
+    """``jax.checkpoint`` / ``jax.remat`` (primitive ``remat2``): its body,
+    inlined. In the backward pass of ``jax.grad`` the body is the
+    recomputation of the forward values the policy did not save; as JAX's own
+    lowering does, its inputs first pass an ``optimization_barrier``, so that
+    no pass (ours or XLA's) merges the recomputation with the forward pass:
+    it is real work, and the cost model charges it."""
+    params = eqn.params
+    prevent = params["prevent_cse"]
+    prevent = (prevent,) * len(operands) if isinstance(prevent, bool) else tuple(prevent)
+    if params["differentiated"] and any(prevent):
+        guarded = [v for v, p in zip(operands, prevent) if p]
+        results = [Value(v.type) for v in guarded]
+        builder.emit(Op(kind="optimization_barrier", operands=guarded, results=results,
+                        attrs={"primitive": optimization_barrier_p, "params": {}},
+                        source=builder.current_source))
+        barrier = iter(results)
+        operands = [next(barrier) if p else v for v, p in zip(operands, prevent)]
+    body = params["jaxpr"]
+    if isinstance(body, jcore.ClosedJaxpr):
+        return builder.import_jaxpr(body.jaxpr, body.consts, operands)
+    return builder.import_jaxpr(body, (), operands)
+
+
 def _forward_rule(builder: "Builder", eqn: jcore.JaxprEqn, operands: list[Value]) -> list[Value]:
     # device_put inside a traced function is the identity on values
     return list(operands)
@@ -168,7 +201,9 @@ IMPORT_RULES: dict[str, Rule] = {
     **{name: _inline_rule for name in CALL_PRIMITIVES},
     **regions.IMPORT_RULES,
     **{name: _host_fallback_rule for name in HOST_PRIMITIVES},
+    **{name: _callback_rule for name in HOST_CALLBACKS},
     "custom_linear_solve": _custom_linear_solve_rule,
+    "remat2": _remat_rule,
     "device_put": _forward_rule,
     "composite": _body_rule("jaxpr"),
     "custom_vmap_call": _body_rule("call"),

@@ -97,22 +97,33 @@ GENERIC_PRIMITIVES: frozenset[str] = frozenset(KIND_CATEGORY) - _NON_PRIMITIVE_K
 NO_KERNEL: frozenset[str] = frozenset({"view", "constant"})
 
 # Primitives no MTIA kernel runs: imported as a ``host_fallback`` op that
-# binds the original primitive on the host. Value: why, for the user.
-_LINALG_REASON = "a linear-algebra decomposition/solver with no MTIA kernel"
-HOST_PRIMITIVES: dict[str, str] = {
-    **{name: _LINALG_REASON for name in (
+# binds the original primitive on the host. Value: (why, what the user can do).
+_NO_KERNEL_ADVICE = ("run it outside mtia_jax.jit, or keep it and accept the host round trip "
+                     "(modeled in cost_analysis)")
+_LINALG = ("a linear-algebra decomposition/solver with no MTIA kernel", _NO_KERNEL_ADVICE)
+_COMPLEX = ("complex numbers have no MTIA datapath",
+            "compute with the real and imaginary parts as separate real arrays, or " + _NO_KERNEL_ADVICE)
+HOST_PRIMITIVES: dict[str, tuple[str, str]] = {
+    **{name: _LINALG for name in (
         "cholesky", "cholesky_update", "lu", "lu_pivots_to_permutation", "qr", "geqrf",
         "geqp3", "householder_product", "ormqr", "svd", "eig", "eigh", "triangular_solve",
         "tridiagonal", "tridiagonal_solve", "schur", "hessenberg", "symmetric_product",
     )},
-    "fft": "an FFT, which has no MTIA kernel",
-    **{name: "complex numbers have no MTIA datapath"
-       for name in ("complex", "real", "imag", "conj")},
+    "fft": ("an FFT, which has no MTIA kernel", _NO_KERNEL_ADVICE),
+    **{name: _COMPLEX for name in ("complex", "real", "imag", "conj")},
 }
 
-# element types no MTIA kernel computes in: any kernel touching one runs on the host
-HOST_DTYPE_REASONS: dict[str, str] = {
-    "float64": "float64 has no MTIA datapath",
-    "complex64": "complex numbers have no MTIA datapath",
-    "complex128": "complex numbers have no MTIA datapath",
+# Callbacks into Python (``jax.debug.print``, ``jax.debug.callback``,
+# ``jax.pure_callback``, ``io_callback``): they run on the host by design, as
+# ``host_fallback`` ops (no warning); the round trip of their operands is modeled.
+HOST_CALLBACKS: frozenset[str] = frozenset({"debug_print", "debug_callback", "pure_callback",
+                                            "io_callback"})
+
+# element types no MTIA kernel computes in: any kernel touching one runs on
+# the host. Value: (why, what the user can do)
+HOST_DTYPE_REASONS: dict[str, tuple[str, str]] = {
+    "float64": ("float64 has no MTIA datapath",
+                "compute in float32 or bfloat16 (cast the inputs, or leave jax_enable_x64 off)"),
+    "complex64": _COMPLEX,
+    "complex128": _COMPLEX,
 }

@@ -147,11 +147,19 @@ def _emit_while(op: Op, args: list[Any], path: str) -> tuple[list[Any], Counts]:
 
     def keep_going(state):
         _, _, values = state
-        return cond(*cond_consts, *values)[0][0]
+        # a predicate batched by vmap (one per example) runs while any is true,
+        # as the while primitive does
+        return jnp.any(cond(*cond_consts, *values)[0][0])
+
+    batched = bool(op.regions["cond"].outputs[0].type.shape)
 
     def iterate(state):
         trips, counts, values = state
         outs, inner = body(*body_consts, *values)
+        if batched:  # an example whose predicate is false keeps its values
+            (pred,), _ = cond(*cond_consts, *values)
+            outs = [jnp.where(pred.reshape(pred.shape + (1,) * (o.ndim - pred.ndim)), o, v)
+                    for o, v in zip(outs, values)]
         return trips + 1, _add(counts, inner), outs
 
     trips, counts, carry = lax.while_loop(

@@ -71,8 +71,14 @@ def _freeze(x: Any):
         return ("id", id(x))
 
 
+# ops never merged with an identical one: a barrier exists to keep two
+# computations apart (a rematerialization from the forward pass it repeats)
+NO_CSE = frozenset({"optimization_barrier"})
+
+
 def cse(module: Module) -> Module:
-    """Replace an op by an earlier identical one (same kind, operands, attributes)."""
+    """Replace an op by an earlier identical one (same kind, operands,
+    attributes), except ``NO_CSE`` kinds."""
     replace: dict[Value, Value] = {}
     seen: dict[Any, Op] = {}
     ops: list[Op] = []
@@ -84,6 +90,9 @@ def cse(module: Module) -> Module:
             ops.append(op)
             continue
         op = dataclasses.replace(op, operands=operands)
+        if op.kind in NO_CSE or op.attrs.get("effects"):
+            ops.append(op)
+            continue
         key = (op.kind, tuple(v.id for v in operands), _freeze(op.attrs),
                tuple(str(r.type) for r in op.results))
         earlier = seen.get(key)
