@@ -63,6 +63,7 @@ _GROUPS = {
         "broadcast_in_dim", "transpose", "concatenate", "slice", "dynamic_slice",
         "dynamic_update_slice", "iota", "copy", "tile", "pad", "rev", "split", "stack",
         "unstack",
+        "iota_2x32_shape",  # the (hi, lo) uint32 words of a 64-bit iota (counter-based RNGs)
     ),
     "view": (
         "reshape", "squeeze", "expand_dims", "stop_gradient", "optimization_barrier",

@@ -128,3 +128,20 @@ def test_pure_callback_and_io_callback_equal_jax_jit():
     _equal(mtia_jax.jit(f)(x), jax.jit(f)(x))
     host = [k for k in mtia_jax.jit(f).lower(x).compile().cost.kernels if k.stream == "host"]
     assert len(host) == 2 and all(k.transfer_s > 0 for k in host)
+
+
+@pytest.mark.parametrize("length", [1, 12, 64])
+def test_flax_nnx_attention_block_is_bitwise_equal_to_jax_jit_in_graph_mode(length):
+    # the attention pass turns the block's jnp attention into one flash_attention
+    # kernel whose body keeps the original ops: graph mode computes the same bits
+    from flax import nnx
+
+    block = nnx.MultiHeadAttention(num_heads=4, in_features=32, qkv_features=32, decode=False,
+                                   rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(block)
+    f = lambda state, x: nnx.merge(graphdef, state)(x)
+    x = jax.random.normal(jax.random.key(length), (2, length, 32))
+    compiled = mtia_jax.jit(f).lower(state, x).compile()
+    assert "flash_attention" in compiled.as_text()
+    _equal(compiled(state, x), jax.jit(f)(state, x))
+    assert 0 < compiled.cost_analysis()["time_s"] < float("inf")

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from jax import lax
 from jax._src.lax import linalg as lax_linalg_internal
+from jax._src.random import prng as prng_internal
 
 import mtia_jax
 from lowering import collectives, from_jaxpr, op_kinds
@@ -469,6 +470,9 @@ case("rng_bit_generator", lambda key: lax.rng_bit_generator(key, (3, 4), dtype=j
      lambda rng: (jnp.asarray(rng.integers(0, 1 << 32, size=4, dtype=np.uint32)),))
 case("threefry2x32", lambda key, count: jax.extend.random.threefry_2x32(key, count),
      lambda rng: (jnp.asarray([7, 9], jnp.uint32), jnp.arange(10, dtype=jnp.uint32)))
+# the counters of counter-based generators (what JAX's primitive harness calls directly)
+case("iota_2x32_shape", lambda x: [w + x for w in prng_internal.iota_2x32_shape((3, 5))],
+     lambda rng: (jnp.uint32(7),))
 
 
 # ------------------------------------------------------------ training programs
