@@ -10,6 +10,7 @@ ops (added by later passes) carry their own attributes.
 
 from __future__ import annotations
 
+import math
 import dataclasses
 import itertools
 from typing import Any
@@ -47,7 +48,7 @@ class TensorType:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)  # Python ints: no overflow past 2**63
 
     @property
     def nbytes(self) -> int:

@@ -207,7 +207,7 @@ def weight_bytes(params: dict, precision: PrecisionPolicy | None = None, pspecs=
         elif fmt is not None and _is_matmul_weight(path):
             nbytes = fmt.nbytes(tuple(leaf.shape), axis=-2)
         else:
-            nbytes = int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+            nbytes = math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
         total += -(-nbytes // _spec_divisor(spec, mesh))
     return int(total)
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 from jax import tree_util
+from jax._src import api_util  # the debug info jax.jit gives tracing errors
 
 from lowering.from_jaxpr import import_closed_jaxpr
 from lowering.ir import Module
@@ -72,10 +73,13 @@ class _Signature:
     def __init__(self, fun: Callable, static_argnums, static_argnames, donate_argnums):
         try:
             self.params = list(inspect.signature(fun).parameters.values())
+            known = True
         except (TypeError, ValueError):
-            self.params = []
+            self.params, known = [], False
         positional = [p.name for p in self.params
                       if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if known:
+            self._check(static_argnums, static_argnames, donate_argnums, positional)
         nums = {self._normalize(i, len(positional)) for i in _as_tuple(static_argnums)}
         names = set(_as_tuple(static_argnames))
         nums |= {positional.index(n) for n in names if n in positional}
@@ -85,6 +89,34 @@ class _Signature:
         self.has_statics = bool(nums or names)
         self.donate_argnums = frozenset(self._normalize(i, len(positional))
                                         for i in _as_tuple(donate_argnums))
+        both = self.static_argnums & self.donate_argnums
+        if both:
+            raise ValueError(
+                f"mtia_jax.jit: static_argnums and donate_argnums cannot intersect: argument(s) "
+                f"{sorted(both)} ({', '.join(positional[i] for i in sorted(both) if i < len(positional))}) "
+                f"appear in both. A static argument is a Python value, not a buffer to donate.")
+
+    def _check(self, static_argnums, static_argnames, donate_argnums, positional) -> None:
+        """The ``ValueError``s ``jax.jit`` raises for argument numbers and names
+        the function does not have."""
+        kinds = {p.kind for p in self.params}
+        if inspect.Parameter.VAR_POSITIONAL not in kinds:
+            for option, nums in (("static_argnums", static_argnums), ("donate_argnums", donate_argnums)):
+                bad = tuple(i for i in _as_tuple(nums)
+                            if not isinstance(i, int) or not -len(positional) <= i < len(positional))
+                if bad:
+                    raise ValueError(
+                        f"mtia_jax.jit: jitted function has {option}={tuple(_as_tuple(nums))}, but "
+                        f"only accepts {len(positional)} positional arguments "
+                        f"({', '.join(positional) or 'none'}).")
+        if inspect.Parameter.VAR_KEYWORD not in kinds:
+            names = {p.name for p in self.params if p.kind != inspect.Parameter.POSITIONAL_ONLY}
+            bad_names = set(_as_tuple(static_argnames)) - names
+            if bad_names:
+                raise ValueError(
+                    f"mtia_jax.jit: jitted function has invalid argnames {bad_names} in "
+                    f"static_argnames. Function does not take these args (it takes: "
+                    f"{', '.join(p.name for p in self.params) or 'none'}).")
 
     @staticmethod
     def _normalize(i: int, n: int) -> int:
@@ -381,8 +413,25 @@ class JitFunction:
         else:
             dyn_args, dyn_kwargs, static = args, kwargs, ()
         leaves, in_tree = tree_util.tree_flatten((dyn_args, dyn_kwargs))
-        spec = _ArgSpec(in_tree, tuple(_aval_key(x) for x in leaves), static)
+        avals = tuple(_aval_key(x) for x in leaves)
+        if any(d < 0 for shape, _, _ in avals for d in shape):
+            self._negative_dims(args, kwargs)
+        spec = _ArgSpec(in_tree, avals, static)
         return spec, leaves
+
+    def _negative_dims(self, args, kwargs) -> None:
+        """Raise a ``ValueError`` naming the argument with a negative dimension."""
+        names = [p.name for p in self._signature.params]
+        named = [(names[i] if i < len(names) else f"#{i}", a) for i, a in enumerate(args)
+                 if i not in self._signature.static_argnums]
+        named += [(k, v) for k, v in kwargs.items() if k not in self._signature.static_argnames]
+        for name, arg in named:
+            for path, leaf in tree_util.tree_flatten_with_path(arg)[0]:
+                shape = tuple(_aval_key(leaf)[0])
+                if any(d < 0 for d in shape):
+                    raise ValueError(
+                        f"mtia_jax: argument '{name}'{tree_util.keystr(path)} has shape {shape}, "
+                        f"with a negative dimension; every dimension must be >= 0.")
 
     def lower(self, *args, **kwargs) -> Lowered:
         spec, _ = self._spec(args, kwargs)
@@ -401,6 +450,14 @@ class JitFunction:
 
         structs = [jax.ShapeDtypeStruct(shape, dtype, weak_type=weak)
                    for shape, dtype, weak in spec.avals]
+        # tracing errors name the user's function, its line and its parameters,
+        # as jax.jit's do, not this wrapper
+        dyn_args, dyn_kwargs = tree_util.tree_unflatten(spec.in_tree, structs)
+        call_args, call_kwargs = _Signature.merge(dyn_args, dyn_kwargs, spec.static)
+        api_util.save_wrapped_fun_debug_info(flat_fun, api_util.debug_info(
+            "mtia_jax.jit", self._fun, call_args, call_kwargs,
+            static_argnums=tuple(self._signature.static_argnums),
+            static_argnames=tuple(self._signature.static_argnames)))
         closed = jax.make_jaxpr(flat_fun)(*structs)
         fun = self._fun
         while isinstance(fun, functools.partial):

@@ -135,13 +135,17 @@ def __dir__() -> list[str]:
 
 
 class _ConfigModule(types.ModuleType):
-    """Makes ``mtia_jax.config.debug_nans = True`` a checked ``update``."""
+    """Makes ``mtia_jax.config.debug_nans = True`` a checked ``update``, and
+    ``mtia_jax.config.debug_nan = True`` (a typo) an ``AttributeError``."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in OPTIONS:
             update(name, value)
-        else:
+        elif name.startswith("_") or name in self.__dict__:
             super().__setattr__(name, value)
+        else:  # a typo would otherwise set nothing, silently
+            raise AttributeError(f"mtia_jax.config has no option {name!r}; options: "
+                                 f"{', '.join(sorted(OPTIONS))}")
 
 
 sys.modules[__name__].__class__ = _ConfigModule

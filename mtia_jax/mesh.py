@@ -9,6 +9,7 @@ modeling on any host (a 72-chip mesh on a laptop). Shardings are written with
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 from jax.sharding import AbstractMesh
@@ -23,7 +24,13 @@ def make_mesh(axis_shapes: Sequence[int], axis_names: Sequence[str], *, chip=Non
     domain (72 devices for mtia400/450/500), when shapes and names differ in
     length, or when a name repeats.
     """
-    axis_shapes, axis_names = tuple(int(s) for s in axis_shapes), tuple(axis_names)
+    axis_shapes, axis_names = tuple(axis_shapes), tuple(axis_names)
+    for size in axis_shapes:
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+            raise TypeError(f"make_mesh: axis sizes must be integers, got {size!r} in {axis_shapes}")
+    axis_shapes = tuple(int(s) for s in axis_shapes)
+    if not all(isinstance(n, str) and n for n in axis_names):
+        raise TypeError(f"make_mesh: axis names must be non-empty strings, got {axis_names}")
     if len(axis_shapes) != len(axis_names):
         raise ValueError(f"make_mesh: {len(axis_shapes)} axis sizes {axis_shapes} but "
                          f"{len(axis_names)} axis names {axis_names}; give one name per axis")

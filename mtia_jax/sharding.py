@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from jax._src.tree_util import broadcast_prefix
 from jax import tree_util
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from lowering.passes.partition import normalize_spec, spec_axes
 
@@ -24,6 +24,9 @@ def _is_sharding_leaf(x) -> bool:
 def find_mesh(mesh, *sharding_trees):
     """The mesh: ``mesh=`` if given, else the one inside a ``NamedSharding``."""
     if mesh is not None:
+        if not isinstance(mesh, (Mesh, AbstractMesh)):
+            raise TypeError(f"mtia_jax.jit: mesh={mesh!r} ({type(mesh).__name__}) is not a mesh; pass "
+                            f"mtia_jax.make_mesh((...), (...)) or a jax.sharding.Mesh")
         return mesh
     for tree in sharding_trees:
         for leaf in tree_util.tree_leaves(tree, is_leaf=_is_sharding_leaf):

@@ -104,7 +104,7 @@ def _operand_dtype(op: Op) -> np.dtype:
 
 
 def _size(shape) -> int:
-    return int(np.prod(shape, dtype=np.int64))
+    return math.prod(shape)
 
 
 # ------------------------------------------------------------ categories
@@ -125,7 +125,7 @@ def _reduction_work(op: Op) -> OpWork:
 def _contraction_work(op: Op) -> OpWork:
     lhs, rhs = op.operands
     (lhs_contract, _), (lhs_batch, _) = op.params["dimension_numbers"]
-    contract = int(np.prod([lhs.type.shape[d] for d in lhs_contract], dtype=np.int64))
+    contract = math.prod(lhs.type.shape[d] for d in lhs_contract)
     # output elements x contraction length multiply-adds, 2 FLOPs each
     return OpWork(flops=2.0 * op.results[0].type.size * contract,
                   engine="matrix", dtype=lhs.type.dtype)

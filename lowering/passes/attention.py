@@ -57,6 +57,7 @@ Ops of the ``flash_attention`` primitive get their ``q_block`` here too.
 
 from __future__ import annotations
 
+import math
 import dataclasses
 from typing import Iterable
 
@@ -126,7 +127,7 @@ def _is_index(value: Value) -> bool:
 
 
 def _size(shape: Iterable[int]) -> int:
-    return int(np.prod(list(shape), dtype=np.int64))
+    return math.prod(shape)
 
 
 # ------------------------------------------------------------ the graph

@@ -86,7 +86,7 @@ class Tile:
 
 
 def _size(shape, dims) -> int:
-    return int(np.prod([shape[d] for d in dims], dtype=np.int64))
+    return math.prod(shape[d] for d in dims)
 
 
 def _dot_shape(op: Op) -> GemmShape:

@@ -271,6 +271,9 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None, is_c
                                              f"query {query.shape}")
     if value.shape != key.shape:
         raise _shape_error("value", value.shape, f"the shape of key {key.shape}")
+    if heads < 1 or kv_heads < 1:
+        raise ValueError(f"flash_attention: query {query.shape} and key {key.shape} need at least "
+                         f"one head each (N = {heads}, K = {kv_heads}, layout (B, T, N, H))")
     if heads % kv_heads:
         raise ValueError(f"flash_attention: query has {heads} heads (shape {query.shape}), not a "
                          f"multiple of the {kv_heads} key/value heads (key shape {key.shape})")
