@@ -205,6 +205,12 @@ ALIASES: dict[str, str] = {
     "mx8": "mxfp8_e4m3",
     "mx6": "mxfp6_e2m3",
     "mx4": "mxfp4_e2m1",
+    "mxfp4": "mxfp4_e2m1",  # OCP MX v1.0's only FP4 element type is E2M1
+}
+# names of a family with more than one element type: an error lists them
+AMBIGUOUS: dict[str, tuple[str, ...]] = {
+    "mxfp8": ("mxfp8_e4m3", "mxfp8_e5m2"),
+    "mxfp6": ("mxfp6_e2m3", "mxfp6_e3m2"),
 }
 
 
@@ -224,6 +230,9 @@ def get_format(name_or_format: "str | MXFormat | MXType") -> MXFormat:
         key = ALIASES.get(key, key)
         if key in FORMATS:
             return FORMATS[key]
+        if key in AMBIGUOUS:
+            raise ValueError(f"MX format {name_or_format!r} is ambiguous: OCP MX has "
+                             f"{' and '.join(AMBIGUOUS[key])}; name one of them")
     valid = ", ".join(FORMATS)
     aliases = ", ".join(f"{a} (= {n})" for a, n in ALIASES.items())
     raise ValueError(
@@ -232,11 +241,18 @@ def get_format(name_or_format: "str | MXFormat | MXType") -> MXFormat:
     )
 
 
-def _check_block_size(block_size: Any) -> int:
+def _check_block_size(block_size: Any, axis_length: int | None = None) -> int:
+    """A valid block size: a positive int, and beyond the spec's 32 no longer
+    than the axis it blocks (a larger block is all padding, and a huge one
+    would make XLA allocate, or abort on, the padded array)."""
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
         raise TypeError(f"MX block_size must be a positive int, got {block_size!r}")
     if block_size <= 0:
         raise ValueError(f"MX block_size must be positive, got {block_size}")
+    if axis_length is not None and block_size > max(DEFAULT_BLOCK_SIZE, axis_length):
+        raise ValueError(f"MX block_size {block_size} is longer than the blocked axis "
+                         f"({axis_length} elements); use at most {max(DEFAULT_BLOCK_SIZE, axis_length)} "
+                         f"(OCP MX uses {DEFAULT_BLOCK_SIZE})")
     return int(block_size)
 
 
@@ -321,12 +337,30 @@ class MXArray:
         self.block_size = _check_block_size(block_size)
         ndim = len(elements.shape)
         self._axis_from_end = _normalize_axis(axis, ndim) - ndim
+        self.check()
+
+    def check(self) -> None:
+        """Raise unless the invariants hold: elements in the format's storage
+        dtype, scales in ``float8_e8m0fnu`` with one per block (a tree-mapped
+        or hand-built MXArray that breaks them would decode to wrong numbers)."""
+        for name in ("elements", "scales"):
+            if not hasattr(getattr(self, name), "shape") or not hasattr(getattr(self, name), "dtype"):
+                raise TypeError(f"MXArray {name} must be an array, got "
+                                f"{type(getattr(self, name)).__name__}")
+        if np.dtype(self.elements.dtype) != self.format.storage_dtype:
+            raise TypeError(
+                f"MXArray({self.format.name}) elements have dtype {np.dtype(self.elements.dtype)}; "
+                f"the format stores {self.format.storage_dtype} (was the MXArray tree-mapped? map "
+                f"the dequantized values instead)")
+        if np.dtype(self.scales.dtype) != np.dtype(ml_dtypes.float8_e8m0fnu):
+            raise TypeError(f"MXArray scales have dtype {np.dtype(self.scales.dtype)}; expected "
+                            f"float8_e8m0fnu (one E8M0 byte per block)")
         expected = MXType(self.format, self.block_size).scale_shape(
-            elements.shape, self._axis_from_end)
-        if tuple(scales.shape) != expected:
+            self.elements.shape, self._axis_from_end)
+        if tuple(self.scales.shape) != expected:
             raise ValueError(
-                f"MX scales shape {tuple(scales.shape)} does not match elements "
-                f"shape {tuple(elements.shape)} (expected {expected})")
+                f"MX scales shape {tuple(self.scales.shape)} does not match elements "
+                f"shape {tuple(self.elements.shape)} (expected {expected})")
 
     # pytree protocol -----------------------------------------------------
     def tree_flatten(self):
@@ -563,9 +597,9 @@ def quantize(x, fmt, axis: int = -1,
     Works on NumPy and JAX arrays, under ``jax.jit`` and ``jax.vmap``.
     """
     fmt = get_format(fmt)
-    block_size = _check_block_size(block_size)
     x = jnp.asarray(x)
     axis = _normalize_axis(axis, x.ndim)
+    block_size = _check_block_size(block_size, x.shape[axis])
     elements, scales = _mx_quantize(x, fmt, axis, block_size)
     return MXArray(elements, scales, fmt, axis, block_size)
 
@@ -596,6 +630,7 @@ def dequantize(q: MXArray, dtype=jnp.float32) -> jax.Array:
     """
     if not isinstance(q, MXArray):
         raise TypeError(f"dequantize expects an MXArray, got {type(q).__name__}")
+    q.check()
     return _mx_dequantize(q.elements, q.scales, q.format, q.axis, q.block_size,
                             np.dtype(dtype))
 

@@ -82,3 +82,53 @@ def test_flash_attention_needs_heads():
     q = jnp.ones((1, 2, 4, 8))
     with pytest.raises(ValueError, match=r"need at least one head each \(N = 4, K = 0"):
         mtia_jax.flash_attention(q, jnp.ones((1, 2, 0, 8)), jnp.ones((1, 2, 0, 8)))
+
+
+# ------------------------------------------------------------ MX formats and primitives
+
+def test_mx_block_size_past_the_axis_is_refused_before_xla_sees_it():
+    from mtia_jax import mx
+
+    x = jnp.ones((4, 64))
+    for huge in (2**31, 2**62):  # XLA would allocate 17 GB, or abort the interpreter
+        with pytest.raises(ValueError, match=rf"block_size {huge} is longer than the blocked axis \(64"):
+            mx.quantize(x, "mx8", block_size=huge)
+    assert mx.quantize(x, "mx8", block_size=64).num_blocks == 1      # the whole axis: fine
+    assert mx.quantize(jnp.ones(8), "mx8").num_blocks == 1           # short axis, spec block
+
+
+def test_tampered_or_tree_mapped_mxarray_is_refused_by_dequantize():
+    from mtia_jax import mx
+
+    q = mx.quantize(jnp.linspace(-1, 1, 64).reshape(2, 32), "mx4")
+    mapped = jax.tree.map(lambda a: a.astype(jnp.float32), q)
+    with pytest.raises(TypeError, match=r"elements have dtype float32; the format stores float4_e2m1fn"):
+        mx.dequantize(mapped)
+    with pytest.raises(TypeError, match=r"scales have dtype uint8"):
+        mx.MXArray(q.elements, q.scale_bits(), "mx4", axis=-1)
+    with pytest.raises(ValueError, match=r"scales shape \(2, 2\) does not match"):
+        mx.MXArray(q.elements, jnp.concatenate([q.scales, q.scales], axis=1), "mx4")
+
+
+def test_mx_format_names():
+    from mtia_jax import mx
+
+    assert mx.get_format("mxfp4").name == "mxfp4_e2m1"  # OCP MXFP4 is E2M1 only
+    for family, full in (("mxfp8", "mxfp8_e4m3 and mxfp8_e5m2"), ("mxfp6", "mxfp6_e2m3 and mxfp6_e3m2")):
+        with pytest.raises(ValueError, match=f"'{family}' is ambiguous: OCP MX has {full}"):
+            mx.get_format(family)
+
+
+def test_embedding_bag_offsets_follow_pytorchs_rule():
+    from jax.experimental import checkify
+
+    table, indices = jnp.ones((10, 4)), jnp.arange(6, dtype=jnp.int32)
+    for offsets, where in (([1, 2, 4], r"offsets\[0\] = 1"), ([0, 4, 2], r"offsets\[2\] = 2")):
+        with pytest.raises(ValueError, match=where):
+            mtia_jax.embedding_bag(table, indices, offsets=jnp.array(offsets, jnp.int32))
+    f = jax.jit(lambda o: mtia_jax.embedding_bag(table, indices, offsets=o))
+    check = checkify.checkify(f, errors=checkify.index_checks)
+    err, _ = check(jnp.array([0, 4, 2], jnp.int32))
+    assert "offsets[2] = 2" in err.get()
+    err, _ = check(jnp.array([0, 2, 4], jnp.int32))
+    assert err.get() is None

@@ -37,6 +37,8 @@ and the first offending index)::
     err, pooled = checkify.checkify(f, errors=checkify.index_checks)(table, idx)
     err.throw()   # JaxRuntimeError: out-of-bounds indexing for array of shape (N, D) ...
 
+The same index checks raise for offsets that do not start at 0 or decrease.
+
 The rule is registered through ``jax._src.checkify`` (JAX has no public API
 for checkify rules of new primitives).
 
@@ -251,7 +253,24 @@ def _checkify_rule(error, enabled_errors, *operands, layout, mode, weighted):
     first = jnp.argmax(bad.reshape(-1))
     payload = jnp.array([indices.reshape(-1)[first], 0, n_rows], dtype=np.int32)
     oob = _checkify.OOBError(_checkify.get_traceback(), "embedding_bag", table.shape, payload)
-    return _checkify.assert_func(error, jnp.any(bad), oob), out
+    error = _checkify.assert_func(error, jnp.any(bad), oob)
+    if layout == "offsets":
+        segments = jnp.asarray(segments)  # a constant may arrive as a NumPy array
+        wrong = _bad_offsets(segments)
+        at = jnp.argmax(wrong.reshape(-1))
+        failed = _checkify.FailedCheckError(
+            _checkify.get_traceback(), "embedding_bag: offsets must start at 0 and be "
+            "non-decreasing; offsets[{}] = {}", at, segments.reshape(-1)[at])
+        error = _checkify.assert_func(error, jnp.any(wrong), failed)
+    return error, out
+
+
+def _bad_offsets(offsets, xp=jnp):
+    """Per offset of each set (S, B): True where it breaks PyTorch's rule (the
+    first is not 0, or it is smaller than the one before); ``xp``: jnp for
+    traced offsets, np for concrete ones (checked outside any trace)."""
+    first = offsets[:, :1] != 0
+    return xp.concatenate([first, offsets[:, 1:] < offsets[:, :-1]], axis=1)
 
 
 embedding_bag_p = define_primitive("embedding_bag", _reference, abstract_eval=_abstract_eval,
@@ -331,6 +350,12 @@ def embedding_bag(table, indices, *, offsets=None, lengths=None, mode: str = "su
         layout = "offsets" if offsets is not None else "lengths"
         seg = _as_array(offsets if offsets is not None else lengths)
         _check_segments(layout, seg)
+        if layout == "offsets" and not isinstance(seg, jax.core.Tracer):
+            bad = np.flatnonzero(_bad_offsets(np.asarray(seg)[None], np)[0])
+            if bad.size:
+                raise ValueError(f"embedding_bag: offsets must start at 0 and be non-decreasing "
+                                 f"(PyTorch's rule); offsets[{bad[0]}] = {np.asarray(seg)[bad[0]]} "
+                                 f"in {np.asarray(seg).tolist()[:16]}")
         segments = (_with_set_axis(seg),)
     else:
         raise ValueError(f"embedding_bag: indices must be 1-D (with offsets or lengths) or 2-D "
