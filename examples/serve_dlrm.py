@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=sorted(dlrm.PRESETS),
                     help="models.dlrm preset (default tiny)")
-    ap.add_argument("--chip", default="mtia400", help="modeled chip (default mtia400)")
+    ap.add_argument("--chip", default="mtia400", choices=mtia_jax.chips.names(),
+                    help="modeled chip (default mtia400)")
     ap.add_argument("--batch", type=int, default=2048, help="largest batch (default 2048)")
     ap.add_argument("--mesh", type=int, default=None, help="number of chips (a 1-D mesh)")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="default bf16")
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     try:
         mesh = None if args.mesh is None else mtia_jax.make_mesh((args.mesh,), ("data",), chip=args.chip)
     except ValueError as e:
-        ap.error(str(e))
+        ap.error(f"--mesh {args.mesh}: {e}")
     where = f"{args.mesh} x {args.chip}" if mesh is not None else args.chip
     param_bytes = dlrm.param_count(cfg) * cfg.param_dtype.itemsize
     on_host = param_bytes <= args.max_host_gb * 1e9

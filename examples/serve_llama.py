@@ -36,7 +36,7 @@ def parse_mesh(text: str | None):
     try:
         d, m = (int(x) for x in text.lower().split("x"))
     except ValueError:
-        raise SystemExit(f"--mesh must look like DxM (e.g. 1x8), got {text!r}") from None
+        raise ValueError("must look like DxM (e.g. 1x8)") from None
     return d, m
 
 
@@ -54,8 +54,10 @@ def run(engine: ServingEngine, requests: int) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny", help="models.transformer preset (default tiny)")
-    ap.add_argument("--chip", default="mtia450", help="modeled chip (default mtia450)")
+    ap.add_argument("--preset", default="tiny", choices=sorted(tf.PRESETS),
+                    help="models.transformer preset (default tiny)")
+    ap.add_argument("--chip", default="mtia450", choices=mtia_jax.chips.names(),
+                    help="modeled chip (default mtia450)")
     ap.add_argument("--dtype", default="mx4", choices=sorted(POLICIES), help="weight format (default mx4)")
     ap.add_argument("--requests", type=int, default=32, help="number of requests (default 32)")
     ap.add_argument("--max-new-tokens", type=int, default=16, help="max new tokens per request (default 16)")
@@ -77,8 +79,12 @@ def main(argv=None) -> int:
         ap.error(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in {max_len} positions")
     formats = POLICIES[args.dtype]
     policy = None if formats is None else mtia_jax.PrecisionPolicy(weights=formats[0], activations=formats[1])
-    mesh_shape = parse_mesh(args.mesh)
-    mesh = None if mesh_shape is None else mtia_jax.make_mesh(mesh_shape, ("data", "model"), chip=args.chip)
+    try:
+        mesh_shape = parse_mesh(args.mesh)
+        mesh = None if mesh_shape is None else mtia_jax.make_mesh(mesh_shape, ("data", "model"),
+                                                                  chip=args.chip)
+    except ValueError as e:
+        ap.error(f"--mesh {args.mesh}: {e}")
 
     params = tf.init_params(cfg, jax.random.key(args.seed))
     engine = ServingEngine(cfg, params, slots=args.slots, max_len=max_len, chip=args.chip,

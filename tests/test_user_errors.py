@@ -132,3 +132,41 @@ def test_embedding_bag_offsets_follow_pytorchs_rule():
     assert "offsets[2] = 2" in err.get()
     err, _ = check(jnp.array([0, 2, 4], jnp.int32))
     assert err.get() is None
+
+
+# ------------------------------------------------------------ command-line examples
+
+def _example(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("example, argv, bad", [
+    ("serve_llama", ["--chip", "bogus"], "bogus"),
+    ("serve_llama", ["--mesh", "0x8"], "0x8"),
+    ("serve_llama", ["--mesh", "1x100"], "1x100"),
+    ("serve_llama", ["--mesh", "eight"], "eight"),
+    ("serve_llama", ["--preset", "bogus"], "bogus"),
+    ("serve_dlrm", ["--chip", "bogus"], "bogus"),
+    ("serve_dlrm", ["--mesh", "0"], "--mesh 0"),
+    ("serve_dlrm", ["--preset", "bogus"], "bogus"),
+])
+def test_bad_flags_are_one_line_usage_errors(example, argv, bad, capsys):
+    with pytest.raises(SystemExit) as info:
+        _example(example).main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and bad in err and "Traceback" not in err
+
+
+def test_cli_bad_chip_is_a_usage_error(capsys):
+    from mtia_jax import cli
+
+    assert cli.main(["chips", "--sources", "bogus"]) == 2  # the exit status of `mtia-jax`
+    assert "unknown chip 'bogus'" in capsys.readouterr().err
