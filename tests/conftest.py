@@ -29,3 +29,26 @@ class _CheckedProgramCost(cost_model.ProgramCost):
 def modeled_time_never_beats_the_floor(monkeypatch):
     monkeypatch.setattr(cost_model, "ProgramCost", _CheckedProgramCost)
     yield
+
+
+# an estimate may hold constants and small buffers, never a parameter-sized one
+SHAPES_ONLY_MAX_ARRAY_BYTES = 1 << 20
+
+
+@pytest.fixture
+def shapes_only(monkeypatch):
+    """For estimates from shapes: the program is never run on the host, and no
+    array over 1 MiB is left allocated by the time the test ends."""
+    import jax
+
+    from runtime import executor
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"an estimate from shapes ran the program ({type(self).__name__})")
+
+    for cls in (executor.GraphExecutor, executor.EagerExecutor):
+        monkeypatch.setattr(cls, "__call__", refuse)
+    before = {id(a) for a in jax.live_arrays()}
+    yield
+    new = [a for a in jax.live_arrays() if id(a) not in before and a.nbytes > SHAPES_ONLY_MAX_ARRAY_BYTES]
+    assert not new, f"arrays allocated: {[(a.shape, a.dtype) for a in new]}"

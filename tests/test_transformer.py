@@ -6,7 +6,6 @@ sharded model on a 2x4 mesh, and estimate() of the published shapes."""
 
 import functools
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -288,14 +287,12 @@ def test_presets_have_the_published_parameter_counts():
     assert count("mixtral-8x7b") == pytest.approx(46.7e9, rel=0.01)
 
 
-def test_estimate_of_a_llama3_8b_decode_step_is_fast_and_bounded_by_weight_reads():
+def test_estimate_of_a_llama3_8b_decode_step_runs_from_shapes_and_is_bounded_by_weight_reads(shapes_only):
     cfg = Config.preset("llama3-8b")
     params = tf.param_shapes(cfg)
     cache = tf.cache_shapes(cfg, batch=8, max_len=2048)
-    start = time.perf_counter()
     report = mtia_jax.estimate(functools.partial(tf.decode, cfg), params,
                                jax.ShapeDtypeStruct((8,), jnp.int32), cache, chip="mtia450")
-    assert time.perf_counter() - start < 10
     weight_bytes = sum(math.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(params))
     assert report.time_s >= weight_bytes / mtia_jax.chips.get("mtia450").hbm_bandwidth
     assert report.fits
