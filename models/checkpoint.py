@@ -30,14 +30,13 @@ to wq and wk first. A sharded checkpoint has ``model.safetensors.index.json``
 (``{"metadata": {"total_size": n}, "weight_map": {tensor: file}}``); an
 unsharded one is ``model.safetensors``.
 
-The safetensors format is read and written here with NumPy (no dependency):
-
-    8 bytes   little-endian uint64 N: the header length
-    N bytes   UTF-8 JSON: {tensor name: {"dtype": "F32" | "BF16" | ...,
-              "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}
-              (padded with spaces to a multiple of 8 bytes)
-    data      each tensor's bytes, C order, little-endian, at [begin, end)
-              counted from the end of the header
+Files are read and written with the ``safetensors`` library, which checks a
+header before any tensor is read (a JSON object whose tensors have a known
+dtype, a shape and ``data_offsets`` that tile the data section exactly, no
+gap, overlap or byte past the end) and memory-maps the data, so reading a
+tensor touches only its own bytes. Its errors become ``CheckpointError``s
+naming the file and, where one is at fault, the tensor. PyTorch pickles
+(``pytorch_model.bin``, ``consolidated.*.pth``) are never loaded.
 
 MX quantization at load (``quantize="mx8" | "mx6" | "mx4"`` or any
 ``mtia_jax.mx`` format): the matmul weights (attention projections, MLP and
@@ -49,10 +48,12 @@ embedding table, norms and the router stay in the model dtype.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -60,6 +61,8 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from models.transformer import Config, RopeScaling, Transformer, _param_shapes_dict, params_of
 from mtia_jax import mx
@@ -79,89 +82,100 @@ class CheckpointError(ValueError):
 
 # ------------------------------------------------------------ safetensors
 
-# safetensors dtype names <-> NumPy dtypes
+# the safetensors dtypes NumPy arrays are read and written in (the library's
+# NumPy reader has no FP8: numpy itself has no float8 types)
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-           "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-           "BOOL": np.bool_}
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+           "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
 _DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+# bits per element of every safetensors dtype, to say which tensor a header
+# error is about when the library's message does not
+_DTYPE_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8,
+               **{k: np.dtype(v).itemsize * 8 for k, v in _DTYPES.items()}}
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
-    """One tensor of a safetensors file: dtype, shape and absolute byte range."""
+    """One tensor of a safetensors file: its dtype and shape."""
 
     dtype: np.dtype
     shape: tuple[int, ...]
-    begin: int
-    end: int
 
 
 def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
-    """Write ``tensors`` (name -> NumPy array) to a safetensors file."""
-    header, offset, arrays = {}, 0, []
+    """Write ``tensors`` (name -> array) to a safetensors file."""
+    arrays = {}
     for name, array in tensors.items():
         array = np.ascontiguousarray(array)
         if array.dtype not in _DTYPE_NAMES:
             raise TypeError(f"write_safetensors: tensor {name!r} has dtype {array.dtype}; "
-                            f"safetensors supports {sorted(str(d) for d in _DTYPE_NAMES)}")
-        header[name] = {"dtype": _DTYPE_NAMES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-        arrays.append(array)
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little"))
-        f.write(encoded)
-        for array in arrays:
-            f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+                            f"supported: {sorted(str(d) for d in _DTYPE_NAMES)}")
+        arrays[name] = array
+    metadata = None if not metadata else {str(k): str(v) for k, v in metadata.items()}
+    safetensors.numpy.save_file(arrays, str(path), metadata)
+
+
+@contextlib.contextmanager
+def _open(path):
+    """A checked safetensors file (``safetensors.safe_open``); every error of
+    the library, while opening or reading, a ``CheckpointError``."""
+    try:
+        with safetensors.safe_open(str(path), framework="numpy") as f:
+            yield f
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except safetensors.SafetensorError as e:
+        culprit = _culprit(path, str(e))
+        about = f" (tensor {culprit!r})" if culprit else ""
+        raise CheckpointError(f"{path}: not a valid safetensors file{about}: {e}") from None
+
+
+def _culprit(path, error: str) -> str | None:
+    """The tensor a safetensors header error is about: named by the message,
+    at the JSON column it gives, or the first whose byte range disagrees
+    with its dtype and shape. None when no tensor is at fault."""
+    named = re.search(r"tensor `([^`]*)`", error)
+    if named:
+        return named.group(1)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > os.path.getsize(path):
+                return None
+            text = f.read(n).decode()
+        column = re.search(r"line 1 column (\d+)", error)
+        if column:
+            keys = re.findall(r'"((?:[^"\\]|\\.)*)"\s*:\s*\{', text[:int(column.group(1))])
+            return json.loads(f'"{keys[-1]}"') if keys else None
+        for name, entry in json.loads(text).items():
+            begin, end = entry["data_offsets"]
+            if name != "__metadata__" and (end - begin) * 8 != math.prod(entry["shape"]) * _DTYPE_BITS[entry["dtype"]]:
+                return name
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    return None
 
 
 def read_safetensors_header(path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file, checked against the file size."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if size < 8 or n > size - 8:
-            raise CheckpointError(f"{path}: not a safetensors file (header length {n} bytes, "
-                                  f"file {size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: the safetensors header is not valid JSON: {e}") from None
-    metadata = header.pop("__metadata__", {}) or {}
-    tensors = {}
-    for name, entry in header.items():
-        if entry.get("dtype") not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype "
-                                  f"{entry.get('dtype')!r}; expected one of {sorted(_DTYPES)}")
-        dtype = np.dtype(_DTYPES[entry["dtype"]])
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(o) for o in entry["data_offsets"])
-        if end - begin != math.prod(shape) * dtype.itemsize or end > size - 8 - n:
-            raise CheckpointError(f"{path}: tensor {name!r} ({entry['dtype']}{list(shape)}) has "
-                                  f"data_offsets [{begin}, {end}] that do not fit its shape or "
-                                  f"the file")
-        tensors[name] = TensorInfo(dtype, shape, 8 + n + begin, 8 + n + end)
-    return tensors, metadata
+    """(tensors, metadata) of a safetensors file, checked by the library."""
+    with _open(path) as f:
+        tensors = {}
+        for name in f.keys():
+            view = f.get_slice(name)
+            dtype = view.get_dtype()
+            if dtype not in _DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, which is not "
+                                      f"read (supported: {sorted(_DTYPES)}); FP8 checkpoints "
+                                      f"carry scales this loader does not apply: convert to BF16")
+            tensors[name] = TensorInfo(np.dtype(_DTYPES[dtype]), tuple(view.get_shape()))
+        return tensors, f.metadata() or {}
 
 
 def read_safetensors(path, names=None) -> dict[str, np.ndarray]:
-    """Tensors of a safetensors file (memory-mapped, read-only), all or ``names``."""
+    """Tensors of a safetensors file, all or ``names``."""
     tensors, _ = read_safetensors_header(path)
-    return {name: _read(path, info) for name, info in tensors.items()
-            if names is None or name in names}
-
-
-def _read(path, info: TensorInfo) -> np.ndarray:
-    if info.end == info.begin:
-        return np.zeros(info.shape, info.dtype)
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=info.begin,
-                     shape=(info.end - info.begin,))
-    return data.view(info.dtype.newbyteorder("<")).reshape(info.shape)
+    with _open(path) as f:
+        return {name: f.get_tensor(name) for name in tensors if names is None or name in names}
 
 
 # ------------------------------------------------------------ name mapping
@@ -247,38 +261,71 @@ def config_to_hf(cfg: Config) -> dict:
 
 
 def config_from_hf(hf: dict) -> Config:
-    """A ``Config`` from an HF Llama/Mixtral ``config.json`` dict."""
+    """A ``Config`` from an HF Llama/Mixtral ``config.json`` dict; a missing
+    key or a value of the wrong kind is a ``CheckpointError`` naming it."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"config.json: expected a JSON object, got {type(hf).__name__}")
     try:
-        heads = int(hf["num_attention_heads"])
-        cfg = dict(vocab=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]),
-                   layers=int(hf["num_hidden_layers"]), heads=heads,
-                   kv_heads=int(hf.get("num_key_value_heads", heads)),
-                   ffn=int(hf["intermediate_size"]))
+        return _config_from_hf(hf)
     except KeyError as e:
         raise CheckpointError(f"config.json: missing key {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"config.json: {e}") from None
+
+
+def _int(hf: dict, key: str, default=None) -> int:
+    value = hf[key] if default is None else hf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _config_from_hf(hf: dict) -> Config:
+    heads = _int(hf, "num_attention_heads")
+    cfg = dict(vocab=_int(hf, "vocab_size"), d_model=_int(hf, "hidden_size"),
+               layers=_int(hf, "num_hidden_layers"), heads=heads,
+               kv_heads=_int(hf, "num_key_value_heads", heads), ffn=_int(hf, "intermediate_size"))
+    if heads <= 0 or cfg["d_model"] % heads:
+        raise ValueError(f"hidden_size {cfg['d_model']} is not a positive multiple of "
+                         f"num_attention_heads {heads}")
     if hf.get("head_dim") not in (None, cfg["d_model"] // heads):
-        raise CheckpointError(f"config.json: head_dim {hf['head_dim']} != hidden_size / "
-                              f"num_attention_heads = {cfg['d_model'] // heads}; not supported")
+        raise ValueError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads = "
+                         f"{cfg['d_model'] // heads}; not supported")
     scaling = hf.get("rope_scaling")
     if scaling is not None:
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind != "llama3":
-            raise CheckpointError(f"config.json: rope_scaling type {kind!r} is not supported "
-                                  f"(only 'llama3')")
+            raise ValueError(f"rope_scaling type {kind!r} is not supported (only 'llama3')")
         scaling = RopeScaling(float(scaling["factor"]), float(scaling["low_freq_factor"]),
                               float(scaling["high_freq_factor"]),
-                              int(scaling["original_max_position_embeddings"]))
+                              _int(scaling, "original_max_position_embeddings"))
     dtype = hf.get("torch_dtype") or "bfloat16"
     return Config(**cfg, rope_theta=float(hf.get("rope_theta", 10000.0)), rope_scaling=scaling,
                   norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
                   tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                  experts=int(hf.get("num_local_experts", 0)),
-                  top_k=int(hf.get("num_experts_per_tok", 2)),
-                  max_seq_len=int(hf.get("max_position_embeddings", 8192)),
+                  experts=_int(hf, "num_local_experts", 0),
+                  top_k=_int(hf, "num_experts_per_tok", 2),
+                  max_seq_len=_int(hf, "max_position_embeddings", 8192),
                   dtype=str(dtype).replace("torch.", ""))
 
 
 # ------------------------------------------------------------ loading
+
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object file (``config.json``, the index) or a CheckpointError."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the {what}: {e}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: the {what} is a JSON {type(value).__name__}, "
+                              f"not an object")
+    return value
+
+
+# weight files of other formats: named in the error, never opened (pickles run code)
+_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "consolidated.00.pth")
+
 
 def _weight_files(path: Path) -> tuple[dict[str, str], Path]:
     """(tensor name -> file name from the index, or {} unsharded; directory)."""
@@ -286,13 +333,22 @@ def _weight_files(path: Path) -> tuple[dict[str, str], Path]:
         return {}, path.parent
     index = path / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no 'weight_map' object")
+        weight_map = _read_json(index, "checkpoint index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) and f and Path(f).name == f for f in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must be an object of tensor name -> "
+                                  f"file name in {path}")
         return weight_map, path
     if (path / SINGLE_FILE).is_file():
         return {}, path
-    raise CheckpointError(f"{path}: no {INDEX_FILE} or {SINGLE_FILE} (and not a safetensors file)")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory (no {INDEX_FILE} or "
+                              f"{SINGLE_FILE})")
+    pickles = [name for name in _PICKLES if (path / name).exists()]
+    hint = (f"; {pickles[0]} is a PyTorch pickle, which is never loaded: convert it to "
+            f"safetensors first" if pickles else "")
+    raise CheckpointError(f"{path}: no {INDEX_FILE} or {SINGLE_FILE} (and not a safetensors "
+                          f"file){hint}")
 
 
 def _catalogue(path: Path) -> dict[str, tuple[Path, TensorInfo]]:
@@ -350,27 +406,32 @@ def load_hf_params(path, cfg: Config, *, quantize: str | None = None, dtype=None
         raise CheckpointError(f"missing tensor(s) {shown}{more} (expected shape in HF (out, in) "
                               f"layout) for a {cfg.layers}-layer model; searched {files}")
     for name, (file, info) in found.items():
-        if name not in slots:
-            if name == "lm_head.weight" and cfg.tie_embeddings:
-                tied = _read(file, info)
-                embed_file, embed_info = found["model.embed_tokens.weight"]
-                if tied.shape == embed_info.shape and np.array_equal(tied, _read(embed_file, embed_info)):
-                    continue  # a tied head saved explicitly
+        if name not in slots and not (name == "lm_head.weight" and cfg.tie_embeddings):
             raise CheckpointError(f"unexpected tensor {name!r} in {file}: not part of a "
                                   f"{cfg.layers}-layer {'MoE' if cfg.is_moe else 'dense'} model "
                                   f"with tie_embeddings={cfg.tie_embeddings}")
-        if info.shape != slots[name].hf_shape:
+        if name in slots and info.shape != slots[name].hf_shape:
             raise CheckpointError(f"tensor {name!r} in {file} has shape {info.shape}; expected "
                                   f"{slots[name].hf_shape} (HF (out, in) layout)")
 
     shapes = jax.tree.map(lambda s: s.shape, _shapes(cfg))
     params = {k: np.empty(v, dtype) for k, v in shapes.items() if k != "layers"}
     params["layers"] = {k: np.empty(v, dtype) for k, v in shapes["layers"].items()}
-    for name, slot in slots.items():
-        file, info = found[name]
-        value = _read(file, info).astype(dtype)
-        target = params if slot.group is None else params[slot.group]
-        target[slot.key][slot.index] = value.T if slot.transpose else value
+    by_file: dict[Path, list[str]] = {}
+    for name in slots:
+        by_file.setdefault(found[name][0], []).append(name)
+    for file, names in by_file.items():
+        with _open(file) as f:
+            for name in names:
+                slot, value = slots[name], f.get_tensor(name).astype(dtype)
+                target = params if slot.group is None else params[slot.group]
+                target[slot.key][slot.index] = value.T if slot.transpose else value
+    if "lm_head.weight" in found and cfg.tie_embeddings:  # a tied head saved explicitly
+        (head,) = read_safetensors(found["lm_head.weight"][0], ["lm_head.weight"]).values()
+        if head.shape != params["embed"].shape or not np.array_equal(head.astype(dtype), params["embed"]):
+            raise CheckpointError(f"tensor 'lm_head.weight' in {found['lm_head.weight'][0]} "
+                                  f"differs from model.embed_tokens.weight, but the config ties "
+                                  f"them (tie_word_embeddings=true)")
     params = jax.tree.map(jnp.asarray, params)
     quantizer = _quantizer(quantize)
     if quantizer is not None:
@@ -395,7 +456,10 @@ def load_hf(path, cfg: Config | None = None, *, quantize: str | None = None,
         config = (path if path.is_dir() else path.parent) / CONFIG_FILE
         if not config.is_file():
             raise CheckpointError(f"{config}: not found; pass cfg= to load_hf")
-        cfg = config_from_hf(json.loads(config.read_text()))
+        try:
+            cfg = config_from_hf(_read_json(config, "model config"))
+        except CheckpointError as e:
+            raise CheckpointError(str(e).replace(f"{CONFIG_FILE}:", f"{config}:", 1)) from None
     if dtype is not None:
         cfg = cfg.replace(dtype=str(np.dtype(jnp.dtype(dtype))))
     return Transformer.from_params(cfg, load_hf_params(path, cfg, quantize=quantize))

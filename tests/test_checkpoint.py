@@ -1,6 +1,7 @@
 """HF-layout safetensors checkpoints (models/checkpoint.py): the file format
-parsed by hand, round trips (single file and sharded index), each error
-case, MX quantization at load, config.json and the q/k RoPE permutation."""
+byte for byte, round trips (single file and sharded index), each error case
+(malformed files, configs and indexes included), MX quantization at load,
+config.json and the q/k RoPE permutation."""
 
 import functools
 import json
@@ -195,3 +196,142 @@ def test_meta_to_hf_permutation_turns_interleaved_rope_into_rotate_half():
           for w in (wq, wk)]
     np.testing.assert_allclose(np.einsum("thd,shd->hts", *hf), np.einsum("thd,shd->hts", *meta),
                                rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------ malformed files
+
+def _raw_safetensors(path, header, data: bytes):
+    """A safetensors file written byte by byte, whatever its header says."""
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
+    return path
+
+
+def _f32(shape, begin):
+    return {"dtype": "F32", "shape": list(shape), "data_offsets": [begin, begin + 4 * int(np.prod(shape))]}
+
+
+@pytest.mark.parametrize("header, data, match", [
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, 8, r"tensor 'w'.*-8"),
+    ({"a": _f32([4], 0), "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, 24,
+     r"tensor 'b'.*invalid offset"),
+    ({"a": _f32([2], 8)}, 16, r"tensor 'a'.*invalid offset"),                    # a gap before it
+    ([1, 2, 3], 0, r"invalid type: sequence"),                                    # a JSON list
+    ({"w": {"dtype": "F32", "data_offsets": [0, 8]}}, 8, r"tensor 'w'.*missing field `shape`"),
+    ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8, r"tensor 'w'.*invalid shape"),
+    ({"w": _f32([2], 0)}, 64, r"file not fully covered"),                         # trailing bytes
+    ({"w": _f32([32], 0)}, 8, r"file not fully covered"),                         # past the end
+    ({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 1]}}, 1, r"tensor 'w'.*unknown variant `Q4`"),
+], ids=["negative-offset", "overlap", "gap", "list-header", "no-shape", "size-mismatch",
+        "trailing-bytes", "past-the-end", "unknown-dtype"])
+def test_malformed_safetensors_files_raise_checkpoint_errors_naming_file_and_tensor(
+        tmp_path, header, data, match):
+    path = _raw_safetensors(tmp_path / "model.safetensors", header, b"\0" * data)
+    for read in (ck.read_safetensors, ck.read_safetensors_header,
+                 lambda p: ck.load_hf_params(p, TINY)):
+        with pytest.raises(ck.CheckpointError, match=match) as info:
+            read(path)
+        assert str(path) in str(info.value) and "not a valid safetensors file" in str(info.value)
+
+
+def test_files_that_are_not_safetensors_or_fp8_tensors_are_refused(tmp_path):
+    (tmp_path / "short.safetensors").write_bytes(b"abc")
+    with pytest.raises(ck.CheckpointError, match=r"short.safetensors: .*header too small"):
+        ck.read_safetensors(tmp_path / "short.safetensors")
+    (tmp_path / "huge.safetensors").write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ck.CheckpointError, match=r"huge.safetensors: .*header too large"):
+        ck.read_safetensors(tmp_path / "huge.safetensors")
+    path = _raw_safetensors(tmp_path / "fp8.safetensors",
+                            {"w": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}, b"\0" * 4)
+    with pytest.raises(ck.CheckpointError, match=r"fp8.safetensors: tensor 'w' has dtype F8_E4M3.*BF16"):
+        ck.read_safetensors(path)
+    with pytest.raises(ck.CheckpointError, match=r"nowhere.safetensors: no such file"):
+        ck.read_safetensors(tmp_path / "nowhere.safetensors")
+    with pytest.raises(TypeError, match=r"tensor 'z' has dtype complex64"):
+        ck.write_safetensors(tmp_path / "c.safetensors", {"z": np.zeros(2, np.complex64)})
+
+
+def test_reading_one_tensor_returns_its_own_bytes(tmp_path):
+    tensors = {"a": np.arange(4, dtype=np.float32), "b": np.full((2, 3), 7, np.int16),
+               "c": np.array([1.5, -2.0], ml_dtypes.bfloat16)}
+    ck.write_safetensors(tmp_path / "x.safetensors", tensors)
+    (b,) = ck.read_safetensors(tmp_path / "x.safetensors", ["b"]).values()
+    np.testing.assert_array_equal(b, tensors["b"])
+    assert b.dtype == np.int16
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{not json", r"config.json: cannot read the model config"),
+    ("[1, 2]", r"config.json: the model config is a JSON list, not an object"),
+    ('{"vocab_size": 256}', r"config.json: missing key 'num_attention_heads'"),
+    ('{"vocab_size": 256, "hidden_size": "wide", "num_hidden_layers": 2, "num_attention_heads": 4, '
+     '"intermediate_size": 128}', r"config.json: hidden_size must be an integer, got 'wide'"),
+    ('{"vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 0, '
+     '"intermediate_size": 128}', r"config.json: hidden_size 64 is not a positive multiple of "
+                                  r"num_attention_heads 0"),
+], ids=["not-json", "list", "missing-key", "string-size", "zero-heads"])
+def test_broken_config_json_is_a_checkpoint_error_naming_the_file_and_key(tmp_path, dense, text, match):
+    ck.save_hf(dense, tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ck.CheckpointError, match=match) as info:
+        ck.load_hf(tmp_path)
+    assert str(tmp_path / "config.json") in str(info.value)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{broken", r"cannot read the checkpoint index"),
+    ("[]", r"the checkpoint index is a JSON list"),
+    ('{"metadata": {}}', r"'weight_map' must be an object"),
+    ('{"weight_map": {"model.norm.weight": 3}}', r"'weight_map' must be an object"),
+    ('{"weight_map": {"model.norm.weight": "../../etc/passwd"}}', r"'weight_map' must be an object"),
+], ids=["not-json", "list", "no-weight-map", "non-string-file", "path-outside"])
+def test_broken_index_files_are_checkpoint_errors_naming_the_index(tmp_path, dense, text, match):
+    ck.save_hf(dense, tmp_path, max_shard_bytes=50_000)
+    (tmp_path / ck.INDEX_FILE).write_text(text)
+    with pytest.raises(ck.CheckpointError, match=match) as info:
+        ck.load_hf(tmp_path)
+    assert str(tmp_path / ck.INDEX_FILE) in str(info.value)
+
+
+def test_missing_directories_and_pickle_checkpoints_are_refused_without_loading(tmp_path, monkeypatch):
+    with pytest.raises(ck.CheckpointError, match=r"nowhere: no such file or directory"):
+        ck.load_hf(tmp_path / "nowhere", TINY)
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pickle was loaded")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps({"w": 1}))
+    with pytest.raises(ck.CheckpointError, match=r"pytorch_model.bin is a PyTorch pickle, which is "
+                                                 r"never loaded: convert it to safetensors"):
+        ck.load_hf(tmp_path, TINY)
+
+
+def test_a_tensor_in_a_shard_the_index_does_not_map_it_to_and_a_differing_tied_head_are_refused(
+        tmp_path, dense):
+    ck.save_hf(dense, tmp_path / "sharded", max_shard_bytes=50_000, write_config=False)
+    index = json.loads((tmp_path / "sharded" / ck.INDEX_FILE).read_text())
+    first = tmp_path / "sharded" / index["weight_map"]["model.embed_tokens.weight"]
+    assert index["weight_map"]["model.norm.weight"] != first.name
+    ck.write_safetensors(first, {**ck.read_safetensors(first), "model.norm.weight": np.ones(64, np.float32)})
+    with pytest.raises(ck.CheckpointError, match=r"unexpected tensor 'model.norm.weight' in .*the "
+                                                 r"index maps it to"):
+        ck.load_hf(tmp_path / "sharded", TINY)
+    ck.save_hf(dense, tmp_path / "tied", TINY)        # an untied head loaded under a tied config
+    with pytest.raises(ck.CheckpointError, match=r"'lm_head.weight' .* differs from "
+                                                 r"model.embed_tokens.weight"):
+        ck.load_hf(tmp_path / "tied", TINY.replace(tie_embeddings=True))
+
+
+def test_a_tied_head_saved_explicitly_loads_when_it_equals_the_embedding(tmp_path, dense):
+    tied = TINY.replace(tie_embeddings=True)
+    ck.save_hf({k: v for k, v in dense.params().items() if k != "lm_head"}, tmp_path, tied)
+    tensors = ck.read_safetensors(tmp_path / "model.safetensors")
+    ck.write_safetensors(tmp_path / "model.safetensors",
+                         {**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"]})
+    loaded = ck.load_hf(tmp_path)
+    assert loaded.cfg.tie_embeddings
+    np.testing.assert_array_equal(loaded.params()["embed"], dense.params()["embed"])
