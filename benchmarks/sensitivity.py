@@ -36,7 +36,7 @@ from lowering.passes import tiling  # noqa: E402
 from models import dlrm  # noqa: E402
 from models import transformer as tf  # noqa: E402
 from mtia_jax import chips  # noqa: E402
-from runtime import cost_model, op_work  # noqa: E402
+from runtime import cost_model, work  # noqa: E402
 
 S = jax.ShapeDtypeStruct
 BASE = chips.get("mtia450")
@@ -131,7 +131,7 @@ CONSTANTS = {
     "scaleup_link_latency_s": ("per-message latency of the scale-up fabric", _scaled_chip("scaleup_link_latency_s")),
     "collective_efficiency": ("achievable link fraction (1)", _scaled_chip("collective_efficiency")),
     "DPE_FILL_DRAIN_CYCLES": ("DPE fill + drain per native block (64)", _scaled_module(((tiling, "DPE_FILL_DRAIN_CYCLES"),))),
-    "ACCESS_GRANULE_BYTES": ("DRAM access granule (64 B)", _scaled_module(((op_work, "ACCESS_GRANULE_BYTES"), (cost_model, "ACCESS_GRANULE_BYTES")))),
+    "ACCESS_GRANULE_BYTES": ("DRAM access granule (64 B)", _scaled_module(((work, "ACCESS_GRANULE_BYTES"), (cost_model, "ACCESS_GRANULE_BYTES")))),
 }
 
 

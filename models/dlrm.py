@@ -100,6 +100,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import mtia_jax
+from models import presets
 from mtia_jax.primitives.embedding_bag import embedding_bag
 
 __all__ = ["Config", "PRESETS", "TableGroup", "DLRM", "table_plan", "init_params", "param_shapes",
@@ -189,11 +190,7 @@ class Config:
     @staticmethod
     def preset(name: str) -> "Config":
         """A configuration by name (see ``PRESETS``)."""
-        try:
-            return PRESETS[name]
-        except KeyError:
-            raise ValueError(f"Config.preset: unknown preset {name!r}; choose one of "
-                             f"{sorted(PRESETS)}") from None
+        return presets.lookup(PRESETS, name)
 
 
 def _is_positive_int(v) -> bool:

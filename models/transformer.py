@@ -63,6 +63,7 @@ from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from models import presets
 from mtia_jax import mx
 from mtia_jax.primitives.flash_attention import flash_attention
 from mtia_jax.primitives.moe_ffn import moe_ffn
@@ -144,11 +145,7 @@ class Config:
     @staticmethod
     def preset(name: str) -> "Config":
         """A published configuration by name (see ``PRESETS``)."""
-        try:
-            return PRESETS[name]
-        except KeyError:
-            raise ValueError(f"Config.preset: unknown preset {name!r}; choose one of "
-                             f"{sorted(PRESETS)}") from None
+        return presets.lookup(PRESETS, name)
 
 
 _LLAMA31 = dict(rope_theta=500000.0, rope_scaling=RopeScaling(), norm_eps=1e-5, max_seq_len=131072)

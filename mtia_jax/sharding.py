@@ -8,13 +8,13 @@ are a pytree prefix of the arguments (or outputs), as in ``jax.jit``.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 from jax._src.tree_util import broadcast_prefix
 from jax import tree_util
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from lowering.passes.partition import normalize_spec, spec_axes
+from lowering.passes.partitioner import normalize_spec, spec_axes
 
 
 def _is_sharding_leaf(x) -> bool:

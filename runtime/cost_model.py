@@ -51,7 +51,8 @@ from lowering.regions import REGION_KINDS
 from lowering.kernels import is_scalar, is_view
 from mtia_jax.chips import ChipSpec
 from runtime.collectives import collective_time
-from runtime.op_work import ACCESS_GRANULE_BYTES, kernel_reads_writes, work_of
+from runtime.op_work import kernel_reads_writes, work_of
+from runtime.work import ACCESS_GRANULE_BYTES
 from runtime.roofline import floor_bytes
 from runtime.schedule import schedule
 

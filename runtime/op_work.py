@@ -35,44 +35,17 @@ Where XLA has no convention we document our own:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import numpy as np
 
-from lowering.ir import Op, TensorType, is_extended
+from lowering.ir import Op, is_extended
 from lowering.kernels import is_view
 from lowering.op_kinds import KIND_CATEGORY
-
-
-@dataclasses.dataclass(frozen=True)
-class OpWork:
-    """What an op asks of the hardware, independent of any chip."""
-
-    flops: float = 0.0            # on ``engine``
-    transcendentals: float = 0.0  # on the special-function unit (vector rate)
-    engine: str = "vector"  # "matrix", "vector", or "host" (runs on the host CPU)
-    dtype: Any = None       # compute dtype or MX format name, for the engine's peak
-    # Bytes by touch. ``reads``: the HBM bytes read from each operand, in
-    # operand order (None: every operand whole; a scalar operand is an
-    # immediate and reads nothing). ``writes``: the bytes written (None:
-    # every result whole). They differ from the operand and result sizes
-    # for windows (a slice reads its window), gathered rows, in-place
-    # updates (only the rows written), packed MX data and the experts that
-    # receive tokens.
-    reads: tuple[float, ...] | None = None
-    writes: float | None = None
-    # a dedicated unit (``ChipSpec.units``) that runs this op: on a chip that
-    # has it, the op's special-function work runs inside the unit alongside the
-    # matrix engine and ``bytes_saved_by_unit`` are not moved
-    unit: str | None = None
-    bytes_saved_by_unit: float = 0.0
-    # scattered row accesses among the reads and writes (gathers, embedding
-    # lookups, scatters): each pays one DRAM access overhead on top of its
-    # bytes (``ChipSpec.hbm_random_access_efficiency``)
-    random_accesses: float = 0.0
+from runtime.accelerated import RULES as ACCELERATED_RULES  # mtia-jax's own primitives
+from runtime.work import OpWork, scattered_bytes
 
 
 def operand_reads(op: Op, work: OpWork) -> tuple[float, ...]:
@@ -178,41 +151,6 @@ def _sort_work(op: Op) -> OpWork:
 
 def _log2_ceil(n: int) -> int:
     return max(int(n) - 1, 0).bit_length()
-
-
-# assumption: the DRAM access granule of a random read. HBM3 and LPDDR5 move
-# 32-byte bursts (a pseudo-channel / x16 channel with burst length 8 / 16);
-# memory controllers and on-chip caches commonly fetch 64-byte lines, so a
-# scattered run of bytes costs whole 64-byte granules. Not published for MTIA.
-ACCESS_GRANULE_BYTES = 64
-
-
-def granules(nbytes: float) -> float:
-    """Bytes a random access of ``nbytes`` contiguous bytes moves: whole granules."""
-    return math.ceil(nbytes / ACCESS_GRANULE_BYTES) * ACCESS_GRANULE_BYTES
-
-
-def _runs(shape: tuple[int, ...], window: tuple[int, ...]) -> tuple[int, int]:
-    """(contiguous runs, elements per run) of a ``window`` of a row-major
-    array of ``shape``: the innermost dimensions taken whole, with the first
-    dimension the window cuts, form one run."""
-    cut = max((d for d, w in enumerate(window) if w != shape[d]), default=-1)
-    if cut < 0:
-        return 1, _size(shape)
-    return _size(window[:cut]), _size(window[cut:])
-
-
-def scattered_bytes(operand: TensorType, windows: int, window: tuple[int, ...]) -> tuple[float, float]:
-    """(HBM bytes, random accesses) of reading or writing ``windows`` windows
-    of ``operand`` at data-dependent places: each contiguous run of a window
-    costs whole access granules and one random access; a gather that would
-    move more than the whole operand streams the operand instead."""
-    runs, run_elements = _runs(operand.shape, window)
-    itemsize = operand.nbytes / max(operand.size, 1)
-    moved = windows * runs * granules(run_elements * itemsize)
-    if moved >= operand.nbytes:
-        return float(operand.nbytes), 0.0
-    return float(moved), float(windows * runs)
 
 
 def _gather_work(op: Op) -> OpWork:
@@ -506,16 +444,8 @@ def kernel_reads_writes(op: Op) -> tuple[tuple[float, ...], float]:
     return operand_reads(op, work), result_writes(op, work)
 
 
-@functools.cache
-def _accelerated_rules() -> dict:
-    # mtia-jax's own primitives (runtime.accelerated); looked up on first use
-    # because those rule modules import OpWork from here
-    from runtime.accelerated import RULES
-    return RULES
-
-
 def work_of(op: Op) -> OpWork:
-    rule = KIND_RULES.get(op.kind) or _accelerated_rules().get(op.kind)
+    rule = KIND_RULES.get(op.kind) or ACCELERATED_RULES.get(op.kind)
     if rule is None:
         rule = CATEGORY_RULES[KIND_CATEGORY[op.kind]]
     return rule(op)

@@ -17,8 +17,7 @@ Both equal the unpartitioned program.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from lowering.ir import Module
-from lowering.passes.partition import spec_axes
+from lowering.passes.partitioner import spec_axes
 
 
 def _split_axes(spec) -> set[str]:

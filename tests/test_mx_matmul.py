@@ -10,7 +10,7 @@ import pytest
 import mtia_jax
 from mtia_jax import chips, mx
 from mtia_jax.primitives.mx_matmul import mx_matmul, mx_matmul_p
-from lowering.passes import precision as precision_pass
+from lowering import gemm_shapes
 from runtime.cost_model import kernel_cost
 from runtime.op_work import hbm_bytes, work_of
 
@@ -324,9 +324,9 @@ def test_kernel_time_uses_the_rate_of_the_slower_operand_class(chip_name, a_fmt,
 
 def test_tiling_sees_packed_operands():
     op = _decode_op("mx8", "mx4")
-    shape = precision_pass.mx_matmul_gemm_shape(op)
+    shape = gemm_shapes.mx_matmul_gemm_shape(op)
     work = work_of(op)
-    assert (shape.batch, shape.m, shape.n, shape.k) == (1, M, N, K)
+    assert (shape.batch, shape.m, shape.n, shape.k) == (1, M, N, K) and shape.flops == work.flops
     assert shape.lhs_bytes + shape.rhs_bytes + shape.out_bytes == hbm_bytes(op)
     assert chips.get("mtia450").matmul_peak(shape.dtype) == chips.get("mtia450").peak_flops["mx8"]
     compiled = mtia_jax.jit(lambda a, w: mx_matmul(a, w, a_format="mx8", b_format="mx4"),

@@ -11,8 +11,8 @@ import mtia_jax
 from kernels import inner, kernels_with, ops_with
 from lowering.ir import TensorType
 from mtia_jax import chips
-from runtime.op_work import (ACCESS_GRANULE_BYTES, granules, hbm_bytes, kernel_reads_writes,
-                             operand_reads, result_writes, scattered_bytes, work_of)
+from runtime.op_work import hbm_bytes, kernel_reads_writes, operand_reads, result_writes, work_of
+from runtime.work import ACCESS_GRANULE_BYTES, granules, scattered_bytes
 from runtime.roofline import floor_bytes
 
 S = jax.ShapeDtypeStruct

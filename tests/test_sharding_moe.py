@@ -19,7 +19,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import mtia_jax
-from lowering.passes.partition import normalize_spec
+from lowering.passes.partitioner import normalize_spec
 from lowering.passes.precision import split_keeps_mx_blocks
 from lowering.ir import Op, TensorType, Value
 from models import transformer as tf

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mtia_jax
-from lowering import from_jaxpr
+from lowering import from_jaxpr, gemm_shapes
 from lowering.passes import tiling
 from lowering.pipeline import PassContext
 from mtia_jax import chips
@@ -17,7 +17,7 @@ from mtia_jax import chips
 
 def _shape(m, n, k, dtype=jnp.bfloat16, batch=1):
     itemsize = jnp.dtype(dtype).itemsize
-    return tiling.GemmShape(batch, m, n, k, batch * m * k * itemsize, batch * k * n * itemsize,
+    return gemm_shapes.GemmShape(batch, m, n, k, batch * m * k * itemsize, batch * k * n * itemsize,
                             batch * m * n * itemsize, jnp.dtype(dtype).name)
 
 

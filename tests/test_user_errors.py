@@ -170,3 +170,15 @@ def test_cli_bad_chip_is_a_usage_error(capsys):
 
     assert cli.main(["chips", "--sources", "bogus"]) == 2  # the exit status of `mtia-jax`
     assert "unknown chip 'bogus'" in capsys.readouterr().err
+
+
+def test_unknown_presets_name_the_choices_and_the_closest_for_both_models():
+    from models import dlrm, transformer
+
+    with pytest.raises(ValueError, match=r"unknown preset 'lama3-8b'; choose one of \[.*'llama3-8b'.*\] "
+                                         r"\(did you mean 'llama3-8b'\?\)"):
+        transformer.Config.preset("lama3-8b")
+    with pytest.raises(ValueError, match=r"unknown preset 'mlperf'; choose one of \[.*'mlperf-dcnv2'"):
+        dlrm.Config.preset("mlperf")
+    with pytest.raises(ValueError, match=r"unknown preset 8"):
+        dlrm.Config.preset(8)

@@ -55,6 +55,7 @@ from jax import lax
 
 from lowering.from_jaxpr import Builder
 from lowering.ir import Op, Value
+from lowering.passes.partitioner import Partitioner, overlaps, spec_axes
 from mtia_jax.primitives.embedding_bag import embedding_bag_p, split_operands
 
 FILL = lax.GatherScatterMode.FILL_OR_DROP
@@ -205,7 +206,7 @@ def _gather_rule(p: Partitioner, op: Op) -> None:
     table, indices = op.operands
     dn, sizes = op.params["dimension_numbers"], op.params["slice_sizes"]
     if dn.operand_batching_dims:
-        return _replicated_rule(p, op)
+        return p.run_replicated(op)
     p.resolve(table)
     p.resolve(indices)
     shape = table.type.shape
@@ -234,6 +235,3 @@ RULES = {
     "embedding_bag": _embedding_bag_rule,
     "gather": _gather_rule,
 }
-
-# the fallback; imported last, since partition.py reads this module's RULES when it loads
-from lowering.passes.partition import Partitioner, _replicated_rule, overlaps, spec_axes  # noqa: E402

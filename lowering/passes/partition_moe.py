@@ -46,6 +46,7 @@ import numpy as np
 from jax import lax
 
 from lowering.ir import Op, TensorType, Value
+from lowering.passes.partitioner import Partitioner, overlaps, spec_axes
 from mtia_jax.primitives.moe_ffn import moe_combine_p, moe_dispatch_p, moe_experts_p
 from mtia_jax.primitives.mx_matmul import operand_layout
 
@@ -190,6 +191,3 @@ RULES = {
     "moe_ffn": _moe_ffn_rule,
     "mx_matmul": _mx_matmul_rule,
 }
-
-# imported last, since partition.py reads this module's RULES when it loads
-from lowering.passes.partition import Partitioner, overlaps, spec_axes  # noqa: E402

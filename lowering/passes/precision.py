@@ -77,8 +77,7 @@ from jax import lax
 
 from lowering.ir import Module, Op, Value
 from mtia_jax.mx import DEFAULT_BLOCK_SIZE
-from mtia_jax.primitives.mx_matmul import (mx_matmul_p, operand_class, operand_layout,
-                                           operand_nbytes, pair_class)
+from mtia_jax.primitives.mx_matmul import mx_matmul_p
 
 # ops whose result is a weight when their (first) operand is one (an
 # all_gather from the partition pass reassembles a sharded weight)
@@ -303,30 +302,3 @@ def _mx_ops(op: Op, a_format: str | None, b_format: str | None,
     return builder.ops, result
 
 
-# ------------------------------------------------------------ tiling
-
-def mx_matmul_gemm_shape(op: Op):
-    """An ``mx_matmul`` op as ``lowering.passes.tiling.GemmShape``: operand
-    bytes packed for MX operands, dtype naming the class the product runs at."""
-    from lowering.passes.tiling import GemmShape
-
-    p = op.params
-    na, _ = operand_layout(p)
-    a, b = op.operands[0].type, op.operands[na].type
-    bs = p["block_size"]
-    batch = math.prod(b.shape[:-2])
-    m = math.prod(a.shape[:-1]) // max(batch, 1)
-    cls = pair_class(operand_class(p["a_format"], a.dtype), operand_class(p["b_format"], b.dtype))
-    return GemmShape(batch, m, b.shape[-1], a.shape[-1],
-                     operand_nbytes(a.shape, a.dtype, p["a_format"], len(a.shape) - 1, bs),
-                     operand_nbytes(b.shape, b.dtype, p["b_format"], len(b.shape) - 2, bs),
-                     op.results[0].type.nbytes, CLASS_DTYPE[cls])
-
-
-# compute class -> a dtype name of that class (the tile search needs a NumPy
-# dtype for its element size and a class for its peak rate); fp8 and mx8 have
-# the same rate on every catalogued chip that has either
-CLASS_DTYPE = {
-    "mx4": "float4_e2m1fn", "mx6": "float6_e2m3fn", "mx8": "float8_e4m3fn",
-    "fp8": "float8_e4m3fn", "int8": "int8", "bf16": "bfloat16", "fp32": "float32",
-}

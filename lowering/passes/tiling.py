@@ -36,10 +36,10 @@ import math
 
 import numpy as np
 
+from lowering.gemm_shapes import GEMM_SHAPES, GemmShape
 from lowering.ir import Module, Op
 from lowering.op_kinds import KIND_CATEGORY
 from lowering.regions import REGION_KINDS
-from lowering.passes import precision
 
 # Assumption (not published for any MTIA generation): the Dot Product Engine
 # produces a 32 x 32 block of outputs per pass; a per-PE block is padded to it.
@@ -49,24 +49,6 @@ DPE_NATIVE_TILE = 32
 # not overlapped with the next block's K stream.
 DPE_FILL_DRAIN_CYCLES = 2 * DPE_NATIVE_TILE
 ACCUMULATOR_BYTES = 4  # fp32 accumulation [MXS §6.2: MX dot products accumulate in FP32]
-
-
-@dataclasses.dataclass(frozen=True)
-class GemmShape:
-    """A kernel seen as ``batch`` products of (M x K) by (K x N)."""
-
-    batch: int
-    m: int
-    n: int
-    k: int
-    lhs_bytes: int   # whole operand, all batches
-    rhs_bytes: int
-    out_bytes: int
-    dtype: str       # operand dtype name, for the engine's peak rate
-
-    @property
-    def flops(self) -> float:
-        return 2.0 * self.batch * self.m * self.n * self.k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,44 +65,6 @@ class Tile:
     def __str__(self) -> str:
         return (f"{self.m}x{self.n}x{self.k} on {self.grid[0]}x{self.grid[1]} PEs, "
                 f"eff {self.efficiency:.2f}, +{self.extra_hbm_bytes / 1e6:.3g} MB")
-
-
-def _size(shape, dims) -> int:
-    return math.prod(shape[d] for d in dims)
-
-
-def _dot_shape(op: Op) -> GemmShape:
-    lhs, rhs = op.operands
-    (lc, rc), (lb, rb) = op.params["dimension_numbers"]
-    ls, rs = lhs.type.shape, rhs.type.shape
-    lfree = [d for d in range(len(ls)) if d not in (*lc, *lb)]
-    rfree = [d for d in range(len(rs)) if d not in (*rc, *rb)]
-    return GemmShape(_size(ls, lb), _size(ls, lfree), _size(rs, rfree), _size(ls, lc),
-                     lhs.type.nbytes, rhs.type.nbytes, op.results[0].type.nbytes,
-                     np.dtype(lhs.type.dtype).name)
-
-
-def _conv_shape(op: Op) -> GemmShape:
-    lhs, rhs = op.operands
-    out = op.results[0].type
-    dn = op.params["dimension_numbers"]
-    groups = op.params.get("feature_group_count", 1) * op.params.get("batch_group_count", 1)
-    out_features = rhs.type.shape[dn.rhs_spec[0]]
-    kernel_k = rhs.type.size // out_features  # in features per group x window
-    return GemmShape(groups, out.size // out_features, out_features // groups, kernel_k,
-                     lhs.type.nbytes, rhs.type.nbytes, out.nbytes, np.dtype(lhs.type.dtype).name)
-
-
-def _swiglu_shape(op: Op) -> GemmShape:
-    """``swiglu``: x (M, D) against the gate and up weights side by side (D, 2F)."""
-    x, w_gate, w_up = (v.type for v in op.operands)
-    d, f = w_gate.shape
-    return GemmShape(1, x.size // max(d, 1), 2 * f, d, x.nbytes, w_gate.nbytes + w_up.nbytes,
-                     op.results[0].type.nbytes, np.dtype(np.result_type(x.dtype, w_gate.dtype)).name)
-
-
-GEMM_SHAPES = {"dot_general": _dot_shape, "conv_general_dilated": _conv_shape,
-               "mx_matmul": precision.mx_matmul_gemm_shape, "swiglu": _swiglu_shape}
 
 
 def _pow2_upto(n: int) -> list[int]:

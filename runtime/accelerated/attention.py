@@ -46,6 +46,8 @@ import numpy as np
 
 from lowering.ir import Op
 from lowering.passes.attention import query_block_rows
+from runtime.accelerated.mx_matmul import packed_bytes
+from runtime.work import OpWork
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,14 +131,8 @@ def attention_shape(op: Op) -> AttentionShape:
     return _primitive_shape(op) if op.primitive is not None else _pattern_shape(op)
 
 
-def flash_attention_work(op: Op):
+def flash_attention_work(op: Op) -> OpWork:
     """The ``OpWork`` of one ``flash_attention`` op (see the module docstring)."""
-    # imported here: runtime.op_work imports this module's package at its end,
-    # so importing it at the top would be circular when this package loads first
-    from runtime.op_work import OpWork
-
-    from runtime.accelerated.mx_matmul import packed_bytes
-
     a = attention_shape(op)
     rows_per_kv_head = (a.heads // a.kv_heads) * a.q_len
     kv_passes = max(math.ceil(rows_per_kv_head / a.q_block) * a.visible, 1.0)

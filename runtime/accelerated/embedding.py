@@ -11,7 +11,7 @@ HBM bytes
     count for the 2-D form: the kernel reads the -1 entries too and skips
     them, and the count must be static). Each row is read at random, so it
     costs its ``D * itemsize`` bytes rounded up to whole 64-byte access
-    granules (``runtime.op_work.ACCESS_GRANULE_BYTES``) and one random
+    granules (``runtime.work.ACCESS_GRANULE_BYTES``) and one random
     access, whose overhead the cost model takes from the chip's
     ``ChipSpec.hbm_random_access_efficiency``. The table itself is never
     streamed (unless the rows would move more than the whole table). The
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.op_work import OpWork, scattered_bytes
+from runtime.work import OpWork, scattered_bytes
 
 
 def _embedding_bag_work(op) -> OpWork:

@@ -56,7 +56,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.accelerated.mx_matmul import formats_class, packed_bytes
-from runtime.op_work import OpWork
+from runtime.work import OpWork
 
 # SwiGLU epilogue per hidden element: g * sigmoid(g), then * up
 EPILOGUE_FLOPS_PER_HIDDEN = 2

@@ -34,7 +34,7 @@ from lowering.ir import Op, TensorType
 from mtia_jax.mx import DEFAULT_BLOCK_SIZE
 from mtia_jax.primitives.mx_matmul import (RATE_ORDER, operand_class, operand_layout,
                                            operand_nbytes, pair_class)
-from runtime.op_work import OpWork
+from runtime.work import OpWork
 
 __all__ = ["RATE_ORDER", "RULES", "formats_class", "mx_matmul_work", "mx_operands", "packed_bytes"]
 

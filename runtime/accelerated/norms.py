@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.accelerated.mx_matmul import formats_class, packed_bytes
-from runtime.op_work import OpWork
+from runtime.work import OpWork
 
 # rms_norm: square, accumulate, scale by 1/rms, scale by weight
 RMS_NORM_FLOPS_PER_ELEMENT = 4
