@@ -4,9 +4,9 @@
 
 Prints, for an MLP, a jnp transformer block and a scan RNN:
 - steady-state call time ratio mtia_jax.jit / jax.jit (target <= 1.10),
-- compile time ratio (first call: trace + compile), target <= 2.0,
-and compile time for 1, 8 and 32 unrolled transformer layers, which should
-grow linearly with program size.
+- compile time ratio (first call: trace + compile), target <= 2.0.
+Time to first result against program size (1 to 32 unrolled layers, each in
+a fresh process) and for the serving engine: ``benchmarks/compile.py``.
 """
 
 import sys
@@ -61,14 +61,6 @@ def main():
         t_jax, t_mtia = call_seconds([jax.jit(fn), mtia_jax.jit(fn)], args, 200)
         print(f"{name:<18} {t_jax * 1e6:>15.1f} {t_mtia * 1e6:>13.1f} {t_mtia / t_jax:>10.3f} "
               f"{compile_jax:>13.3f} {compile_mtia:>14.3f} {compile_mtia / compile_jax:>13.2f}")
-
-    print("\ncompile time (first call) vs unrolled transformer layers")
-    print(f"{'layers':>6} {'jax.jit s':>10} {'mtia_jax.jit s':>15} {'ratio':>6} {'mtia s/layer':>13}")
-    for layers in (1, 8, 32):
-        x, params = programs.make_transformer(KEY, layers=layers)
-        t_jax = first_call_seconds(jax.jit, programs.transformer, (x, params))
-        t_mtia = first_call_seconds(mtia_jax.jit, programs.transformer, (x, params))
-        print(f"{layers:>6} {t_jax:>10.3f} {t_mtia:>15.3f} {t_mtia / t_jax:>6.2f} {t_mtia / layers:>13.4f}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import dataclasses
+import functools
 import itertools
 from typing import Any
 
@@ -54,15 +55,10 @@ class TensorType:
     def nbytes(self) -> int:
         """Bytes the tensor occupies in memory (MX types and sub-byte element
         types counted packed)."""
-        if isinstance(self.dtype, MXType):
-            return int(np.ceil(self.size * self.dtype.bits_per_element / 8))
-        if is_extended(self.dtype):
-            # a PRNG key's itemsize is its key words x 4 bytes (uint32)
-            return self.size * int(self.dtype.itemsize)
-        bits = SUB_BYTE_BITS.get(np.dtype(self.dtype).name)
-        if bits is not None:
+        bits = element_bits(self.dtype)
+        if isinstance(bits, int):
             return -(-self.size * bits // 8)
-        return self.size * np.dtype(self.dtype).itemsize
+        return int(np.ceil(self.size * bits / 8))
 
     def __str__(self) -> str:
         dims = ",".join(str(d) for d in self.shape)
@@ -83,6 +79,7 @@ _SHORT_DTYPE = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def is_extended(dtype: Any) -> bool:
     """True for JAX extended dtypes (PRNG keys), which NumPy cannot represent."""
     if isinstance(dtype, (np.dtype, MXType)):
@@ -93,6 +90,19 @@ def is_extended(dtype: Any) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def element_bits(dtype: Any) -> int | float:
+    """Bits one element of ``dtype`` occupies in memory: packed for MX types
+    (their shared scales included: a fraction) and sub-byte types; a PRNG
+    key's words x 32."""
+    if isinstance(dtype, MXType):
+        return dtype.bits_per_element
+    if is_extended(dtype):
+        return 8 * int(dtype.itemsize)
+    return SUB_BYTE_BITS.get(np.dtype(dtype).name, 8 * np.dtype(dtype).itemsize)
+
+
+@functools.lru_cache(maxsize=None)
 def dtype_name(dtype: Any) -> str:
     if isinstance(dtype, MXType) or is_extended(dtype):
         return str(dtype)

@@ -36,6 +36,7 @@ from runtime.cost_model import ProgramCost, program_cost
 from runtime import trace
 from runtime.device import device_for
 from runtime.executor import EXECUTORS, EagerExecutor
+from runtime.gc_pause import without_gc_pauses
 from runtime.memory import MemoryPlan, plan_memory
 
 # ------------------------------------------------------------ arguments
@@ -186,6 +187,7 @@ class Lowered:
         module = run_passes(self.module, ctx)
         return module, plan_memory(module, self.donated)
 
+    @without_gc_pauses
     def compile(self) -> "Compiled":
         module, memory = self.optimize()
         if memory.peak_bytes > self.chip.hbm_bytes:
@@ -437,6 +439,7 @@ class JitFunction:
         spec, _ = self._spec(args, kwargs)
         return self._lower(spec, self._signature.donated_leaves(args))
 
+    @without_gc_pauses
     def _lower(self, spec: _ArgSpec, donated: frozenset[int]) -> Lowered:
         out_tree_box = []
 

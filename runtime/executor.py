@@ -23,6 +23,7 @@ from jax import lax
 from lowering.ir import Module, Op, Value
 from mtia_jax import config
 from runtime import spmd
+from runtime.gc_pause import without_gc_pauses
 from lowering.kernels import is_scalar
 from runtime.cost_model import is_kernel
 
@@ -205,6 +206,7 @@ CONTROL_FLOW = frozenset(REGION_EMIT_RULES)
 def host_function(module: Module, path: str = "") -> Callable[..., tuple[list[Any], Counts]]:
     """A JAX function: flat inputs -> (outputs, while-loop trip counts)."""
 
+    @without_gc_pauses  # runs when the host program is traced
     def run(*flat_args):
         env: dict[Value, Any] = dict(zip(module.params, flat_args, strict=True))
         counts: Counts = {}

@@ -282,3 +282,24 @@ def test_programs_left_alone(fn):
     assert not _flash_ops(after)
     assert after.as_text() == before.as_text()
     _assert_bitwise(fn, q, k, v)
+
+
+@pytest.mark.parametrize("fn, args", [
+    (lambda: jax.lax.iota(jnp.int32, 5), ()),
+    (lambda: jax.lax.broadcasted_iota(jnp.int32, (3, 4), 1), ()),
+    (lambda x: jax.lax.broadcast_in_dim(x, (2, 3, 4), (0, 2)), (np.arange(8, dtype=np.int32).reshape(2, 4),)),
+    (lambda x: jnp.broadcast_to(x, (3, 3)), (np.int32(7),)),
+    (lambda x: x.reshape(3, 2), (np.arange(6, dtype=np.int32).reshape(2, 3),)),
+    (lambda x: jax.lax.reshape(x, (2, 3), dimensions=(1, 0)), (np.arange(6, dtype=np.int32).reshape(3, 2),)),
+    (lambda x: x.T, (np.arange(6, dtype=np.int32).reshape(2, 3),)),
+    (lambda x: jax.lax.squeeze(x, (0, 2)), (np.arange(3, dtype=np.int32).reshape(1, 3, 1),)),
+], ids=["iota", "broadcasted-iota", "broadcast", "broadcast-scalar", "reshape", "reshape-dims",
+        "transpose", "squeeze"])
+def test_mask_layout_ops_evaluate_in_numpy_as_xla_does(fn, args):
+    (eqn,) = jax.make_jaxpr(fn)(*args).jaxpr.eqns
+    module = from_jaxpr.import_closed_jaxpr(jax.make_jaxpr(fn)(*args))
+    (op,) = [op for op in module.ops if op.kind == eqn.primitive.name]
+    got = attention._apply(op, list(args))
+    want = np.asarray(jax.jit(fn)(*args))
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)

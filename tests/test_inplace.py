@@ -157,14 +157,18 @@ def _scatter_data():
             rng.standard_normal((3, 8)).astype(np.float32))
 
 
-def test_scatter_into_a_donated_buffer_is_in_place():
-    f = lambda t, ix, u: t.at[ix].set(u)
+@pytest.mark.parametrize("f, kind, rows_moved", [
+    # indices and updates read, the rows written (granules); the table untouched
+    (lambda t, ix, u: t.at[ix].set(u), "scatter", ROWS_WRITTEN),
+    # a combining scatter also reads the rows it updates
+    (lambda t, ix, u: t.at[ix].add(u), "scatter-add", 2 * ROWS_WRITTEN),
+], ids=["set", "add"])
+def test_scatter_into_a_donated_buffer_is_in_place(f, kind, rows_moved):
     compiled = _compiled(f, TABLE, IDX, UPD, donate=(0,))
     (update,) = _updates(compiled.module)
-    assert update.kind == "scatter" and update.attrs["in_place"] is True
-    (kernel,) = kernels_with(compiled.cost.kernels, "scatter")
-    # indices and updates read, the rows written (granules); the table untouched
-    assert kernel.hbm_bytes == IDX_BYTES + UPD_BYTES + ROWS_WRITTEN
+    assert update.kind == kind and update.attrs["in_place"] is True
+    (kernel,) = kernels_with(compiled.cost.kernels, kind)
+    assert kernel.hbm_bytes == IDX_BYTES + UPD_BYTES + rows_moved
     _check_numerics(f, compiled, *_scatter_data())
 
 
@@ -176,16 +180,6 @@ def test_scatter_into_a_buffer_the_caller_keeps_copies_it():
     (kernel,) = kernels_with(compiled.cost.kernels, "scatter")
     # the table copied (read + written), then the rows written over the copy
     assert kernel.hbm_bytes == 2 * CACHE_BYTES + IDX_BYTES + UPD_BYTES + ROWS_WRITTEN
-    _check_numerics(f, compiled, *_scatter_data())
-
-
-def test_combining_scatter_in_place_reads_the_rows_it_updates():
-    f = lambda t, ix, u: t.at[ix].add(u)
-    compiled = _compiled(f, TABLE, IDX, UPD, donate=(0,))
-    (update,) = _updates(compiled.module)
-    assert update.kind == "scatter-add" and update.attrs["in_place"] is True
-    (kernel,) = kernels_with(compiled.cost.kernels, "scatter-add")
-    assert kernel.hbm_bytes == IDX_BYTES + UPD_BYTES + 2 * ROWS_WRITTEN
     _check_numerics(f, compiled, *_scatter_data())
 
 

@@ -424,10 +424,42 @@ _NUMPY_OPS = {
 }
 
 
+def _iota(op: Op, args: list) -> np.ndarray:
+    shape, dim = op.params["shape"], op.params["dimension"]
+    ramp = np.arange(shape[dim]).reshape([-1 if d == dim else 1 for d in range(len(shape))])
+    return np.broadcast_to(ramp, shape)
+
+
+def _broadcast_in_dim(op: Op, args: list) -> np.ndarray:
+    shape, dims = op.params["shape"], op.params["broadcast_dimensions"]
+    expanded = [1] * len(shape)
+    for axis, d in enumerate(dims):
+        expanded[d] = np.shape(args[0])[axis]
+    return np.broadcast_to(np.reshape(args[0], expanded), shape)
+
+
+def _transposed(x, permutation):
+    # reshape[dimensions=p] reshapes its operand transposed by p (None: as it is)
+    return x if permutation is None else np.transpose(x, permutation)
+
+
+# layout ops and iota, exact in NumPy for any dtype (no XLA compile for a mask)
+_NUMPY_LAYOUT = {
+    "iota": _iota,
+    "broadcast_in_dim": _broadcast_in_dim,
+    "reshape": lambda op, args: np.reshape(_transposed(args[0], op.params["dimensions"]),
+                                           op.params["new_sizes"]),
+    "transpose": lambda op, args: np.transpose(args[0], op.params["permutation"]),
+    "squeeze": lambda op, args: np.squeeze(args[0], tuple(op.params["dimensions"])),
+}
+
+
 def _apply(op: Op, args: list) -> np.ndarray:
     """``op`` on constant operands."""
     exact = all(np.asarray(a).dtype.kind in "biu" for a in args)
     result_dtype = op.results[0].type.dtype
+    if op.kind in _NUMPY_LAYOUT:
+        return np.asarray(_NUMPY_LAYOUT[op.kind](op, args)).astype(result_dtype)
     if op.kind in _NUMPY_OPS and exact:
         if op.kind in ("and", "or", "not") and np.dtype(result_dtype).kind != "b":
             pass  # bitwise on integers: let XLA do it
