@@ -121,7 +121,7 @@ def test_older_mtia_and_gpus():
         assert g.tdp_watts == 700
 
 
-def test_units():
+def test_dedicated_units_of_each_chip():
     assert spec("mtia300").units == {"near_memory_reduce", "mx_matmul"}
     assert spec("mtia400").units == {"near_memory_reduce", "mx_matmul"}
     full = {"flash_attention", "moe_ffn", "near_memory_reduce", "mx_matmul"}
@@ -252,7 +252,7 @@ def test_vector_rates_scaled_from_v2i(name):
         ("fp16", "bf16"),
     ],
 )
-def test_compute_class(dtype, cls):
+def test_compute_class_of_each_dtype(dtype, cls):
     assert chips.compute_class(dtype) == cls
 
 
@@ -310,7 +310,7 @@ def test_matmul_peak_native_and_fallback():
     assert spec("h100").matmul_peak("mx4") == spec("h100").peak_flops["fp8"]
 
 
-def test_vector_peak():
+def test_vector_peak_per_dtype_upcasts_narrow_types():
     s = spec("mtia_v2i")
     assert s.vector_peak(np.float32) == pytest.approx(2.76e12)
     assert s.vector_peak(jnp.bfloat16) == pytest.approx(5.53e12)

@@ -280,7 +280,7 @@ def test_checkify_accepts_padding_and_skips_entries_outside_bags():
     (lambda: embedding_bag(jnp.ones((10,)), INDICES, offsets=OFFSETS), r"table must be 2-D \(N, D\)"),
     (lambda: embedding_bag(jnp.ones((0, 4)), INDICES, offsets=OFFSETS), "table must have at least one row"),
 ])
-def test_value_errors(call, message):
+def test_bad_shapes_and_values_raise_value_errors_naming_them(call, message):
     with pytest.raises(ValueError, match=message):
         call()
 
@@ -296,7 +296,7 @@ def test_value_errors(call, message):
                            per_sample_weights=np.ones(8, np.int32)),
      "per_sample_weights must be a floating-point array"),
 ])
-def test_type_errors(call, message):
+def test_non_integer_indices_and_integer_weights_raise_type_errors(call, message):
     with pytest.raises(TypeError, match=message):
         call()
 

@@ -179,7 +179,7 @@ def test_size_one_arrays_count_as_scalars():
     ("dot_general", [(), ()], ()),       # contractions run on the matrix engine
     ("gather", [(), ()], ()),
 ])
-def test_not_scalar(kind, in_shapes, out_shape):
+def test_ops_on_arrays_or_the_matrix_engine_are_not_scalar(kind, in_shapes, out_shape):
     assert not is_scalar(_op(kind, in_shapes, out_shape, I32))
 
 

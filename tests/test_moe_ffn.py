@@ -141,7 +141,7 @@ def test_jit_and_mtia_jit_match():
     assert "moe_ffn(" in text and "top_k=2" in text and "dot_general" not in text
 
 
-def test_grads():
+def test_gradients_match_finite_differences_and_unchosen_experts_get_none():
     args = make(5, 6, 3, 4, 3)
     check_grads(jax.jit(lambda *a: moe_ffn(*a, top_k=2)), args, order=1, modes=("rev",))
     # the router gets gradient only through the softmax of the chosen logits
@@ -204,7 +204,7 @@ def _bad(**changes):
     (_bad(top_k=4), r"top_k must be in \[1, E\] = \[1, 3\] .* got top_k=4"),
     (_bad(top_k=0), r"top_k must be in \[1, E\]"),
 ])
-def test_value_errors(call, message):
+def test_bad_shapes_and_top_k_raise_value_errors_naming_them(call, message):
     with pytest.raises(ValueError, match=message):
         call()
 
@@ -213,7 +213,7 @@ def test_value_errors(call, message):
     (_bad(top_k=2.0), "top_k must be a Python int"),
     (_bad(x=jnp.ones((4, 6), jnp.int32)), "x must be a floating-point array, got dtype int32"),
 ])
-def test_type_errors(call, message):
+def test_non_int_top_k_and_integer_inputs_raise_type_errors(call, message):
     with pytest.raises(TypeError, match=message):
         call()
 

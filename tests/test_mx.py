@@ -79,7 +79,7 @@ EXPECTED = {  # name: (element dtype, bits, emax, max normal)
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_format_table(name):
+def test_format_parameters_match_the_ocp_table(name):
     f = mx.get_format(name)
     dtype, bits, emax, max_normal = EXPECTED[name]
     assert f.name == name and str(f) == name
@@ -119,7 +119,7 @@ def test_unknown_format_lists_names(bad):
         mx.quantize(np.ones(32, np.float32), bad)
 
 
-def test_mxtype():
+def test_mxtype_names_bits_per_element_and_hash():
     t = mx.MXType(mx.get_format("mx4"))
     assert str(t) == "mxfp4_e2m1[32]"
     assert t.bits_per_element == 4.25
@@ -154,7 +154,7 @@ def test_mxtype():
     ("mxfp6_e3m2", 1.0, -4, 16.0, 0x1C),
     ("mxfp6_e2m3", 1.0, -2, 4.0, 0x18),
 ])
-def test_worked_examples(fmt, amax, shared_exp, stored, code):
+def test_worked_examples_encode_exactly(fmt, amax, shared_exp, stored, code):
     q, eb, exp = _one_block(fmt, [amax, amax / 4])
     assert exp == shared_exp
     assert eb[0] == code
@@ -199,7 +199,7 @@ def test_round_half_to_even(fmt, amax, cases):
     ("mxfp6_e3m2", 31.0), ("mxfp6_e2m3", 7.9), ("mxfp4_e2m1", 7.99),
     ("mxint8", 1.999),
 ])
-def test_saturation(fmt, big):
+def test_values_past_max_normal_saturate(fmt, big):
     f = mx.get_format(fmt)
     q, eb, exp = _one_block(fmt, [big, -big, np.nextafter(np.float32(big), np.float32(0))])
     assert exp == 0
@@ -209,7 +209,7 @@ def test_saturation(fmt, big):
 
 
 @pytest.mark.parametrize("fmt", FP)
-def test_subnormal_elements(fmt):
+def test_subnormal_elements_are_kept_and_rounded_to_nearest(fmt):
     f = mx.get_format(fmt)
     amax = 2.0**f.emax  # shared exponent 0
     sub = f.min_subnormal
@@ -239,7 +239,7 @@ def test_float32_subnormal_inputs(fmt):
 
 
 @pytest.mark.parametrize("fmt", ALL)
-def test_nan_block(fmt):
+def test_a_nan_makes_its_whole_block_nan(fmt):
     x = np.ones((3, 32), np.float32)
     x[1, 5] = np.nan
     x[1, 6] = np.inf
@@ -254,7 +254,7 @@ def test_nan_block(fmt):
 
 
 @pytest.mark.parametrize("fmt", ALL)
-def test_inf_saturates(fmt):
+def test_infinities_saturate_to_max_normal(fmt):
     f = mx.get_format(fmt)
     x = np.zeros(64, np.float32)
     x[0], x[1], x[2] = np.inf, -np.inf, 1.0
@@ -399,7 +399,7 @@ def test_block_size_option():
         mx.quantize(np.float32(1.0), "mx6")
 
 
-def test_pytree_roundtrip():
+def test_mxarray_is_a_pytree_that_crosses_jit():
     q = mx.quantize(np.ones((2, 40), np.float32), "mx4")
     leaves, tree = jax.tree_util.tree_flatten(q)
     assert len(leaves) == 2 and leaves[0] is q.elements and leaves[1] is q.scales

@@ -148,7 +148,7 @@ def test_nan_scale_block_poisons_only_its_rows():
     ((4, 64), (64,), "rank >= 2"),
     ((2, 4, 64), (3, 64, 8), "same batch dims"),
 ])
-def test_shape_errors(a_shape, b_shape, match):
+def test_mismatched_shapes_raise_value_errors(a_shape, b_shape, match):
     with pytest.raises(ValueError, match=match):
         mx_matmul(jnp.ones(a_shape), jnp.ones(b_shape), a_format="mx8", b_format="mx8")
 
