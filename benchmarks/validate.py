@@ -80,7 +80,7 @@ from lowering.ir import Module, Op  # noqa: E402
 from models import dlrm  # noqa: E402
 from mtia_jax import chips  # noqa: E402
 from mtia_jax.precision import PrecisionPolicy  # noqa: E402
-from runtime.collectives import collective_time  # noqa: E402
+from runtime.collectives import collective_cost  # noqa: E402
 
 # The calibrated constants (ChipSpec fields), their search bounds and coarse grid.
 CALIBRATED = ("matmul_efficiency", "kernel_launch_s")
@@ -275,7 +275,7 @@ class PhaseCost:
         link = self.fixed_s.copy()
         net_chip = _with(self.chip, "collective_efficiency", constants["collective_efficiency"])
         for i, op in self.collectives:
-            link[i] = self.counts[i] * collective_time(op, net_chip)[0]
+            link[i] = self.counts[i] * collective_cost(op, net_chip).time_s
         busy = np.maximum.reduce([self.matrix_s / constants["matmul_efficiency"], self.vector_s,
                                   self.hbm_s / constants["hbm_efficiency"], link])
         each = busy / np.maximum(self.counts, 1e-30)

@@ -21,6 +21,8 @@ chip sends when that is less than its buffer (``runtime.collectives``).
 
 from __future__ import annotations
 
+import math
+
 from jax.extend import core as jcore
 
 from lowering.ir import Op, Value
@@ -93,17 +95,19 @@ def _shard_map_rule(builder, eqn: jcore.JaxprEqn, operands: list[Value]) -> list
     return results
 
 
-def set_groups(module, sizes: dict[str, int]) -> None:
-    """Record on every collective op how many devices take part."""
+def set_groups(module, sizes: dict[str, int], scale_out_axes=()) -> None:
+    """Record on every collective op how many devices take part
+    (``group``) and, of those, how many distinct scale-up domains they span
+    (``scale_out_group``: the product of its axes in ``scale_out_axes``)."""
     for op in module.ops:
         if op.kind in COLLECTIVE_KINDS or op.kind in ("axis_index", "shard_slice"):
             axes = op.attrs.get("axes") or (op.attrs["axis"],)
-            group = 1
-            for a in axes:
-                group *= sizes[a]
-            op.attrs["group"] = group
+            op.attrs["group"] = math.prod(sizes[a] for a in axes)
+            outer = math.prod(sizes[a] for a in axes if a in scale_out_axes)
+            if outer > 1:
+                op.attrs["scale_out_group"] = outer
         for region in op.regions.values():
-            set_groups(region, sizes)
+            set_groups(region, sizes, scale_out_axes)
 
 
 def _sharding_constraint_rule(builder, eqn: jcore.JaxprEqn, operands: list[Value]) -> list[Value]:

@@ -13,11 +13,11 @@ from types import ModuleType
 from typing import Any
 
 from lowering.ir import Module
-from lowering.passes import (attention, canonicalize, fusion, inplace, partition, precision,
-                             prologue, tiling, trip_counts)
+from lowering.passes import (attention, canonicalize, collective_algorithms, combine_collectives,
+                             fusion, inplace, partition, precision, prologue, tiling, trip_counts)
 
-PASSES: tuple[ModuleType, ...] = (canonicalize, trip_counts, partition, attention, precision,
-                                  fusion, prologue, tiling, inplace)
+PASSES: tuple[ModuleType, ...] = (canonicalize, trip_counts, partition, combine_collectives, attention,
+                                  precision, fusion, prologue, tiling, collective_algorithms, inplace)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,7 @@ class PassContext:
     # SPMD: {mesh axis: size}, and one spec (mesh axis or None per dim) per
     # flat input and output (None: unconstrained); see passes/partition.py
     mesh: Any = None
+    scale_out_axes: tuple = ()  # mesh axes across scale-up domains (mtia_jax.make_mesh)
     in_specs: Any = None
     out_specs: Any = None
     donated: frozenset = frozenset()  # flat indices of donated parameters

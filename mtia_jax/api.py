@@ -29,6 +29,7 @@ from lowering.ir import Module
 from lowering.pipeline import PassContext, run_passes
 from mtia_jax import chips as chip_catalogue
 from mtia_jax import config, sharding
+from mtia_jax import mesh as mesh_lib
 from mtia_jax.errors import HBMCapacityError, UnmeasuredLoopWarning
 from mtia_jax.profiler import Profile
 from mtia_jax.precision import resolve as resolve_precision
@@ -166,8 +167,10 @@ class Lowered:
     """A traced program imported into MTIA IR, not yet compiled."""
 
     def __init__(self, module: Module, chip, in_tree, out_tree, donated: frozenset[int], mode: str,
-                 precision=None, mesh=None, in_specs=None, out_specs=None, numerics: str = "vmap"):
+                 precision=None, mesh=None, in_specs=None, out_specs=None, numerics: str = "vmap",
+                 scale_out_axes: tuple[str, ...] = ()):
         self.module = module
+        self.scale_out_axes = scale_out_axes
         self.chip = chip
         self.in_tree = in_tree
         self.out_tree = out_tree
@@ -183,6 +186,7 @@ class Lowered:
     def optimize(self) -> tuple[Module, MemoryPlan]:
         """Run the pass pipeline and plan HBM; no numerics, nothing allocated."""
         ctx = PassContext(chip=self.chip, precision=self.precision, mesh=self.mesh,
+                          scale_out_axes=self.scale_out_axes,
                           in_specs=self.in_specs, out_specs=self.out_specs, donated=self.donated)
         module = run_passes(self.module, ctx)
         return module, plan_memory(module, self.donated)
@@ -469,7 +473,8 @@ class JitFunction:
         module = import_closed_jaxpr(closed, name=name if name.isidentifier() else "main")
         mesh, in_specs, out_specs = self._specs(spec, structs, closed, out_tree_box[0])
         return Lowered(module, self._resolve_chip(), spec.in_tree, out_tree_box[0], donated, self._mode,
-                       self._resolve_precision(), mesh, in_specs, out_specs, self._numerics)
+                       self._resolve_precision(), mesh, in_specs, out_specs, self._numerics,
+                       mesh_lib.scale_out_axes(self._mesh) if self._mesh is not None else ())
 
     def _specs(self, spec: _ArgSpec, structs, closed, out_tree):
         """(mesh sizes, spec per flat input, spec per flat output) for partitioning."""

@@ -103,11 +103,20 @@ NUMERIC_FIELDS = (
     "scaleup_domain",
     "scaleup_link_bandwidth",
     "scaleup_link_latency_s",
+    "scaleup_links",
+    "scaleup_message_s",
+    "scaleout_bandwidth",
+    "scaleout_latency_s",
     "kernel_launch_s",
     "matmul_efficiency",
     "hbm_efficiency",
     "collective_efficiency",
 )
+# Scale-up fabrics: "switched" (every device one switch hop from every other:
+# any device can send to several at once, up to one message per link) or
+# "ring" (each device links to two neighbours only: messages to others are
+# forwarded hop by hop).
+TOPOLOGIES = ("switched", "ring")
 # Numeric fields that are fractions in (0, 1].
 FRACTION_FIELDS = (
     "hbm_random_access_efficiency",
@@ -116,7 +125,7 @@ FRACTION_FIELDS = (
     "collective_efficiency",
 )
 _INT_FIELDS = frozenset(
-    {"hbm_bytes", "sram_bytes", "pe_rows", "pe_cols", "pe_local_bytes", "scaleup_domain"}
+    {"hbm_bytes", "sram_bytes", "pe_rows", "pe_cols", "pe_local_bytes", "scaleup_domain", "scaleup_links"}
 )
 
 # Display unit of every numeric field (used by describe_rows()).
@@ -136,6 +145,10 @@ _FIELD_UNITS = {
     "scaleup_domain": "devices",
     "scaleup_link_bandwidth": "B/s",
     "scaleup_link_latency_s": "s",
+    "scaleup_links": "links",
+    "scaleup_message_s": "s",
+    "scaleout_bandwidth": "B/s",
+    "scaleout_latency_s": "s",
     "kernel_launch_s": "s",
     "matmul_efficiency": "",
     "hbm_efficiency": "",
@@ -347,7 +360,14 @@ class ChipSpec:
 
     ``hbm_bytes``/``hbm_bandwidth`` describe the off-chip DRAM; on MTIA v1
     and MTIA 2i that is LPDDR5, not HBM (``memory_kind`` says which).
-    ``scaleup_link_bandwidth`` is unidirectional, per device.
+    The network (``runtime.collectives``): a scale-up domain of
+    ``scaleup_domain`` devices over a ``scaleup_topology`` fabric
+    (``TOPOLOGIES``); ``scaleup_link_bandwidth`` is unidirectional per device
+    over all its ``scaleup_links`` links; a message takes
+    ``scaleup_link_latency_s`` to cross the fabric (one switch hop) and a
+    device's message engines take ``scaleup_message_s`` to issue one, one per
+    link at a time. Between scale-up domains, ``scaleout_bandwidth``
+    (unidirectional, per device) and ``scaleout_latency_s`` per message.
     ``hbm_random_access_efficiency`` (in (0, 1]) is the fraction of
     ``hbm_bandwidth`` achieved by reads of scattered 64-byte granules (rows
     gathered at random, as in embedding lookups) instead of streams.
@@ -391,6 +411,13 @@ class ChipSpec:
     matmul_efficiency: float = 1.0
     hbm_efficiency: float = 1.0
     collective_efficiency: float = 1.0
+    # the network beyond bandwidth and hop latency; the catalogue sets each
+    # with its source, the defaults serve specs built by hand
+    scaleup_topology: str = "switched"
+    scaleup_links: int = 1
+    scaleup_message_s: float = 0.1e-6
+    scaleout_bandwidth: float = 50e9
+    scaleout_latency_s: float = 5e-6
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -414,6 +441,9 @@ class ChipSpec:
             if getattr(self, field) > 1:
                 raise ValueError(f"{self.name}: {field} is a fraction in (0, 1], "
                                  f"got {getattr(self, field)!r}")
+        if self.scaleup_topology not in TOPOLOGIES:
+            raise ValueError(f"{self.name}: scaleup_topology must be one of {TOPOLOGIES}, got "
+                             f"{self.scaleup_topology!r}")
         units = frozenset(self.units)
         unknown = units - set(UNITS)
         if unknown:
@@ -508,7 +538,7 @@ class ChipSpec:
                 for cls, rate in new.items():
                     if old.get(cls) != rate:
                         sources[f"{field}.{cls}"] = _USER_OVERRIDE
-            elif field in NUMERIC_FIELDS or field == "units":
+            elif field in NUMERIC_FIELDS or field in ("units", "scaleup_topology"):
                 if getattr(self, field) != value:
                     sources[field] = _USER_OVERRIDE
         sources.update(explicit_sources)
@@ -521,7 +551,7 @@ class ChipSpec:
         keys = [f"peak_flops.{c}" for c in self.peak_flops]
         keys += [f"vector_flops.{c}" for c in self.vector_flops]
         keys += list(NUMERIC_FIELDS)
-        keys.append("units")
+        keys += ["scaleup_topology", "units"]
         return tuple(keys)
 
     def missing_sources(self) -> tuple[str, ...]:
@@ -559,6 +589,7 @@ class ChipSpec:
         for field in NUMERIC_FIELDS:
             value = _human(getattr(self, field), _FIELD_UNITS[field])
             rows.append((field, value, self.sources.get(field, "")))
+        rows.append(("scaleup_topology", self.scaleup_topology, self.sources.get("scaleup_topology", "")))
         unit_names = ", ".join(u for u in UNITS if u in self.units) or "none"
         rows.append(("units", unit_names, self.sources.get("units", "")))
         return rows
@@ -724,8 +755,30 @@ _A_LAUNCH_REUSE = (
     "assumption: not published; MTIA 2i's eager job launch bound of < 1 us (P [TR24]) reused"
 )
 _A_SCALEUP_LATENCY_MTIA = (
-    "assumption: 2 us per message on the scale-up fabric (RDMA-style network; MTIA 300 has "
-    "built-in NIC chiplets, P [HWL26, WCCF26]); not published"
+    "assumption: 1 us for a message to cross the rack's switched backplane (P [DEC26]): one "
+    "switch hop (a few hundred ns in cut-through Ethernet switches) plus the NIC chiplets and "
+    "message engines at both ends (P [HWL26, WCCF26]); not published"
+)
+_A_MESSAGE_S = (
+    "assumption: 0.1 us for a message engine to issue one message (descriptor processing "
+    "and doorbell of an RDMA-style send; RDMA NICs issue 10^7-10^8 messages/s); the message "
+    "engines that offload collectives are P [HWL26, WCCF26], their issue rate is not published"
+)
+_A_SCALEOUT_LATENCY = (
+    "assumption: 5 us per message between racks (RDMA over a two- or three-tier Ethernet "
+    "network: NIC, switch hops and cables); not published"
+)
+# MTIA v1 and 2i have no scale-up fabric: chips talk through the host
+_THROUGH_HOST = {
+    "scaleup_topology": ("switched", "derived: chips reach each other through the host's PCIe root complex, which switches every pair"),
+    "scaleup_links": (1, "derived: the one host link"),
+    "scaleup_message_s": (1 * US, "derived: one host-link transfer at the assumed 1 us (" + _A_HOST_LATENCY + ")"),
+    "scaleout_bandwidth": (100 * GB / 8, "assumption: one 100 Gb/s RDMA NIC per host board (STH24 names an optional RDMA NIC, P); speed not published"),
+    "scaleout_latency_s": (5 * US, _A_SCALEOUT_LATENCY),
+}
+_TOPOLOGY_MTIA = (
+    "P [DEC26, agent-wars 2026]: the 72 devices of a rack form one scale-up domain over a "
+    "switched backplane"
 )
 _A_RANDOM_HBM = (
     "assumption: not published; scattered 64-byte reads need a DRAM row activation each, "
@@ -755,10 +808,10 @@ _NMR_400_500 = (
 # the host-side overhead of the measured engines and the gap between the
 # modeled kernel count and theirs.
 HOPPER_FIT = {
-    "matmul_efficiency": 0.594,
+    "matmul_efficiency": 0.593,
     "hbm_efficiency": 1.0,       # held at 1: the rows do not identify it (validate.FIXED)
     "collective_efficiency": 1.0,  # held at 1: the rows do not identify it (validate.FIXED)
-    "kernel_launch_s": 1.16e-05,
+    "kernel_launch_s": 1.25e-05,
 }
 HOPPER_FIT_ROWS = ("r01", "r03", "r05", "r07", "r09", "r11", "r13", "r15", "r19", "r21", "r23")
 _SRC_HOPPER_FIT = (
@@ -851,6 +904,13 @@ def _mtia_2026(
     scaleup_domain: int,
     scaleup_tbs: float,
     units: tuple[set, str],
+    scaleup_links: tuple[int, str] = (
+        12,
+        "assumption (U lead in hardware-facts 1.3, unverified: MTIA 300's two NIC chiplets have "
+        "2 x 6 ports of 800 Gbps): 12 ports of 100 GB/s = the 1.2 TB/s per device of P [M26 via "
+        "FIL26], kept on 400-500, which share the network infrastructure (P [TH26])",
+    ),
+    scaleout: tuple[float, str] = (100 * GB, "P [M26 via FIL26], unidirectional per device"),
 ) -> ChipSpec:
     """An MTIA 300/400/450/500 entry (hardware-facts section 1.2)."""
     peak = {
@@ -882,7 +942,12 @@ def _mtia_2026(
         host_link_latency_s=(1 * US, _A_HOST_LATENCY),
         scaleup_domain=(scaleup_domain, _SRC_FIL26),
         scaleup_link_bandwidth=(scaleup_tbs * TB, _SRC_FIL26 + ", unidirectional per device"),
-        scaleup_link_latency_s=(2 * US, _A_SCALEUP_LATENCY_MTIA),
+        scaleup_link_latency_s=(1 * US, _A_SCALEUP_LATENCY_MTIA),
+        scaleup_topology=("switched", _TOPOLOGY_MTIA),
+        scaleup_links=scaleup_links,
+        scaleup_message_s=(0.1 * US, _A_MESSAGE_S),
+        scaleout_bandwidth=scaleout,
+        scaleout_latency_s=(5 * US, _A_SCALEOUT_LATENCY),
         kernel_launch_s=(1 * US, _A_LAUNCH_REUSE),
         hbm_random_access_efficiency=(0.5, _A_RANDOM_HBM),
         **_MTIA_EFFICIENCIES,
@@ -949,6 +1014,11 @@ def _nvidia_hopper(
             "derived: NVLink4 900 GB/s bidirectional (P [NVDS, MLP41]) / 2 = 450 GB/s unidirectional",
         ),
         scaleup_link_latency_s=(1 * US, "assumption: 1 us per NVLink message (through NVSwitch); not in hardware-facts"),
+        scaleup_topology=("switched", "derived: the 8 GPUs of an HGX board reach each other through NVSwitch (MLP41 system 'DGX-H100_H100-SXM-80GBx8', NVLink4)"),
+        scaleup_links=(18, "P [NVDS]: NVLink4, 18 links per GPU"),
+        scaleup_message_s=(0.5 * US, "assumption: 0.5 us to issue one NVLink message (a copy-engine or SM-driven send, NCCL's simple protocol); not in hardware-facts"),
+        scaleout_bandwidth=(50 * GB, "assumption: one 400 Gb/s ConnectX-7 NIC per GPU in a DGX H100 (NVIDIA datasheet, not in hardware-facts) = 50 GB/s"),
+        scaleout_latency_s=(5 * US, _A_SCALEOUT_LATENCY),
         hbm_random_access_efficiency=(0.5, _A_RANDOM_HBM),
         **{field: (value, _SRC_HOPPER_FIT) for field, value in HOPPER_FIT.items()},
     )
@@ -972,6 +1042,12 @@ def _catalogue() -> list[ChipSpec]:
         pe_src="assumption: not published; MTIA 2i's 8 x 8 PE grid (P [EEN24, STH24]) for the one compute chiplet (P [HWL26, WCCF26])",
         scaleup_domain=16,
         scaleup_tbs=1.0,
+        scaleup_links=(
+            12,
+            "assumption (U lead in hardware-facts 1.3, unverified): 2 NIC chiplets x 6 x 800 Gbps; "
+            "their 1.2 TB/s conflicts with M26's 1 TB/s (P), which is kept for the bandwidth",
+        ),
+        scaleout=(200 * GB, "P [M26 via FIL26] (footnote '**' of the table: not explained)"),
         units=({"near_memory_reduce", "mx_matmul"}, _NMR_300 + "; mx_matmul: MX8 listed (P [M26 via TH26], 'FP8/MX8' row); no MX4 rate listed"),
     )
     mtia400 = _mtia_2026(
@@ -1081,6 +1157,7 @@ def _catalogue() -> list[ChipSpec]:
             "assumption: chip-to-chip traffic crosses the host link (= host_link_bandwidth)",
         ),
         scaleup_link_latency_s=(2 * US, "derived: two host-link transfers (device -> host -> device) at the assumed 1 us"),
+        **_THROUGH_HOST,
         kernel_launch_s=(1 * US, _A_LAUNCH_REUSE),
         hbm_random_access_efficiency=(0.4, _A_RANDOM_LPDDR),
         **_MTIA_EFFICIENCIES,
@@ -1128,6 +1205,7 @@ def _catalogue() -> list[ChipSpec]:
             "assumption: chip-to-chip traffic crosses the host PCIe Gen5 x8 link (= host_link_bandwidth)",
         ),
         scaleup_link_latency_s=(2 * US, "derived: two host-link transfers (device -> host -> device) at the assumed 1 us"),
+        **_THROUGH_HOST,
         kernel_launch_s=(1 * US, "P [TR24] (eager-mode job launch < 1 us; the bound is used)"),
         hbm_random_access_efficiency=(0.4, _A_RANDOM_LPDDR),
         **_MTIA_EFFICIENCIES,

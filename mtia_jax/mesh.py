@@ -4,12 +4,20 @@
 ``jax.sharding.AbstractMesh``: a mesh of *logical* devices that exists for
 modeling on any host (a 72-chip mesh on a laptop). Shardings are written with
 ``jax.sharding.PartitionSpec`` / ``NamedSharding`` as usual.
+
+A mesh may span several scale-up domains (racks):
+``make_mesh((2, 72), ("pod", "model"), chip="mtia450", scale_out_axes=("pod",))``
+is two racks of 72; collectives over "pod" cross the scale-out network, and
+collectives over both axes run hierarchically (``lowering.network``).
+``scale_out_axes(mesh)`` says which axes those are. (JAX interns meshes by
+axis names and sizes, so one names and sizes combination has one marking.)
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import Sequence
 
 from jax.sharding import AbstractMesh
@@ -17,12 +25,20 @@ from jax.sharding import AbstractMesh
 from mtia_jax import chips as chip_catalogue
 
 
-def make_mesh(axis_shapes: Sequence[int], axis_names: Sequence[str], *, chip=None) -> AbstractMesh:
+# mesh -> its axes that cross the scale-out network
+_SCALE_OUT: "weakref.WeakKeyDictionary[AbstractMesh, tuple[str, ...]]" = weakref.WeakKeyDictionary()
+
+
+def make_mesh(axis_shapes: Sequence[int], axis_names: Sequence[str], *, chip=None,
+              scale_out_axes: Sequence[str] = ()) -> AbstractMesh:
     """A logical mesh of ``prod(axis_shapes)`` devices of ``chip``.
 
-    Raises ``ValueError`` when the mesh is larger than the chip's scale-up
-    domain (72 devices for mtia400/450/500), when shapes and names differ in
-    length, or when a name repeats.
+    ``scale_out_axes``: the axes whose devices sit in different scale-up
+    domains (racks) and talk over the scale-out network; the other axes
+    together must fit in one scale-up domain (72 devices for
+    mtia400/450/500). Raises ``ValueError`` when they do not, when shapes and
+    names differ in length, when a name repeats or a scale-out axis is not a
+    mesh axis.
     """
     axis_shapes, axis_names = tuple(axis_shapes), tuple(axis_names)
     for size in axis_shapes:
@@ -38,15 +54,40 @@ def make_mesh(axis_shapes: Sequence[int], axis_names: Sequence[str], *, chip=Non
         raise ValueError(f"make_mesh: axis names must be distinct, got {axis_names}")
     if any(s < 1 for s in axis_shapes):
         raise ValueError(f"make_mesh: axis sizes must be positive, got {axis_shapes}")
+    if isinstance(scale_out_axes, str):
+        scale_out_axes = (scale_out_axes,)
+    scale_out_axes = tuple(scale_out_axes)
+    unknown = [a for a in scale_out_axes if a not in axis_names]
+    if unknown:
+        raise ValueError(f"make_mesh: scale_out_axes {unknown} are not axes of the mesh {axis_names}")
     spec = chip_catalogue.get(chip) if chip is not None else chip_catalogue.default()
-    devices = math.prod(axis_shapes)
+    inside = {n: s for n, s in zip(axis_names, axis_shapes) if n not in scale_out_axes}
+    devices = math.prod(inside.values())
     if devices > spec.scaleup_domain:
         raise ValueError(
-            f"make_mesh: a mesh of {devices} devices {dict(zip(axis_names, axis_shapes))} is larger "
-            f"than {spec.name}'s scale-up domain of {spec.scaleup_domain} devices "
-            f"({spec.sources.get('scaleup_domain', 'see mtia-jax chips --sources')}). "
-            f"Use at most {spec.scaleup_domain} devices.")
-    return AbstractMesh(axis_shapes, axis_names)
+            f"make_mesh: the mesh axes {inside} put {devices} devices in one scale-up domain, more "
+            f"than {spec.name}'s {spec.scaleup_domain} "
+            f"({spec.sources.get('scaleup_domain', 'see mtia-jax chips --sources')}). Use at most "
+            f"{spec.scaleup_domain} devices per domain, and mark the axes that span domains with "
+            f"scale_out_axes=(...), e.g. make_mesh((2, 72), ('pod', 'model'), "
+            f"scale_out_axes=('pod',)).")
+    mesh = AbstractMesh(axis_shapes, axis_names)
+    marked = tuple(a for a in axis_names if a in scale_out_axes)
+    if _SCALE_OUT.setdefault(mesh, marked) != marked:
+        raise ValueError(
+            f"make_mesh: a mesh with axes {dict(zip(axis_names, axis_shapes))} exists with "
+            f"scale_out_axes={_SCALE_OUT[mesh]}; JAX treats meshes with the same axes as one, so "
+            f"give this one other axis names")
+    return mesh
 
 
-__all__ = ["make_mesh"]
+def scale_out_axes(mesh) -> tuple[str, ...]:
+    """The axes of ``mesh`` that cross the scale-out network (none for a mesh
+    not made by ``make_mesh``)."""
+    try:
+        return _SCALE_OUT.get(mesh, ())
+    except TypeError:  # not weak-referenceable: not ours
+        return ()
+
+
+__all__ = ["make_mesh", "scale_out_axes"]

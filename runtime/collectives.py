@@ -1,69 +1,63 @@
-"""Collectives cost model: alpha-beta times on the chip's scale-up network.
+"""What a collective costs: its network time, the bytes it sends and the
+HBM traffic it makes, from the algorithm ``lowering.network.plan`` chooses.
 
-Per collective op (``lowering.collectives``) over a group of p devices, with
-the per-device buffer of N bytes, link bandwidth B (unidirectional, per
-device, times ``ChipSpec.collective_efficiency``: the achievable fraction)
-and per-hop latency L from the chip catalogue:
+Per device, for each phase of the plan (``lowering.network``: the formulas
+and the algorithms), the device reads what it sends from HBM and writes
+what it receives (as much as it sends: every schedule here is symmetric).
+Of the received bytes, those it reduces into its own are combined where
+they land: on a chip with near-memory reduction (``near_memory_reduce`` in
+``ChipSpec.units``, MTIA's message engines) the engine reads the local
+operand and writes the sum next to memory, one extra HBM read per reduced
+byte and no compute; elsewhere the received bytes are written, read back
+with the local operand by the vector units and the sum written (three
+extra passes), and the vector units add one element per reduced element
+after the transfer.
 
-| kind           | ring (bandwidth-optimal)          | tree (latency-optimal)          |
-|----------------|-----------------------------------|---------------------------------|
-| all_reduce     | 2 (p-1)/p N/B + 2 (p-1) L         | 2 ceil(log2 p) (N/B + L)        |
-| all_gather     | (p-1)/p N_out/B + (p-1) L         | -                               |
-| reduce_scatter | (p-1)/p N_in/B + (p-1) L          | -                               |
-| all_to_all     | (p-1)/p N/B + (p-1) L             | -                               |
-| permute        | N/B + L                           | -                               |
-
-(the classic alpha-beta costs: Thakur, Rabenseifner and Gropp, "Optimization
-of Collective Communication Operations in MPICH", IJHPCA 2005). The faster
-algorithm is chosen per size. Reductions also add (p-1)/p N/itemsize
-elements; chips with near-memory reduction (``near_memory_reduce`` in
-``ChipSpec.units``: MTIA's message engines reduce next to memory) do that
-for free, others pay it on the vector units.
-
-An ``all_to_all`` whose op carries ``payload_bytes`` (the expert-parallel
-dispatch and return of ``moe_ffn``) is costed with that N instead of its
-buffer's size: its executed buffer has a row for every (expert, token) pair,
-but the chip sends only the routed rows (modeling assumption, balanced
-routing; the op's ``payload`` attribute says so in the IR).
+The network time is the sum of the phases' times; it runs on the device's
+``network`` stream, concurrently with compute and DMA, while its HBM bytes
+share the HBM with every other stream (``runtime.schedule``).
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import numpy as np
 
 from lowering.ir import Op
+from lowering.network import REDUCING, describe, plan
+
+KEEPS_OWN_SHARE = frozenset({"all_gather", "all_to_all"})
 
 
-def _ring(p: int, nbytes: float, bw: float, lat: float, factor: float = 1.0) -> float:
-    return factor * ((p - 1) / p * nbytes / bw + (p - 1) * lat)
+@dataclasses.dataclass(frozen=True)
+class CollectiveCost:
+    """One execution of a collective op on one device."""
+
+    time_s: float           # network time, plus the reduction where the vector units do it
+    algorithm: str          # ``lowering.network.describe`` of the plan
+    sent_bytes: float       # over every fabric
+    scale_out_bytes: float  # of which across scale-up domains
+    scale_out_s: float      # time of the phases on the scale-out network
+    hbm_bytes: float
 
 
-def collective_time(op: Op, chip) -> tuple[float, str, float]:
-    """(seconds, algorithm, bytes sent per device) of one collective op on ``chip``."""
-    p = int(op.attrs.get("group", 1))
-    if p <= 1:
-        return 0.0, "local", 0.0
-    bw, lat = chip.scaleup_link_bandwidth * chip.collective_efficiency, chip.scaleup_link_latency_s
-    x, out = op.operands[0].type, op.results[0].type
-    kind = op.kind
-    if kind == "all_reduce":
-        n = x.nbytes
-        options = {"ring": _ring(p, n, bw, lat, 2.0),
-                   "tree": 2 * math.ceil(math.log2(p)) * (n / bw + lat)}
-        algorithm = min(options, key=options.get)
-        time, sent = options[algorithm], 2 * (p - 1) / p * n
-    elif kind == "all_gather":
-        algorithm, time, sent = "ring", _ring(p, out.nbytes, bw, lat), (p - 1) / p * out.nbytes
-    elif kind in ("reduce_scatter", "all_to_all"):
-        n = op.attrs.get("payload_bytes", x.nbytes)
-        algorithm, time, sent = "ring", _ring(p, n, bw, lat), (p - 1) / p * n
-    elif kind == "permute":
-        algorithm, time, sent = "direct", x.nbytes / bw + lat, float(x.nbytes)
-    else:
-        raise KeyError(f"no collective cost rule for '{kind}'")
-    if kind in ("all_reduce", "reduce_scatter") and "near_memory_reduce" not in chip.units:
-        elements = (p - 1) / p * x.size
-        time += elements / chip.vector_peak(np.dtype(x.dtype) if not hasattr(x.dtype, "format") else "fp32")
-    return time, algorithm, sent
+def collective_cost(op: Op, chip) -> CollectiveCost:
+    phases = plan(op, chip)
+    if not phases:
+        return CollectiveCost(0.0, "local", 0.0, 0.0, 0.0, 0.0)
+    near_memory = "near_memory_reduce" in chip.units
+    sent = sum(ph.sent_bytes for ph in phases)
+    reduced = sum(ph.reduced_bytes for ph in phases if ph.kind in REDUCING)
+    # a gather or an exchange also copies the device's own share into its result
+    own = sum(ph.nbytes / ph.group for ph in phases if ph.kind in KEEPS_OWN_SHARE)
+    hbm = 2 * sent + reduced * (1 if near_memory else 3) + 2 * own
+    time = sum(ph.time_s for ph in phases)
+    if reduced and not near_memory:
+        dtype = op.operands[0].type.dtype
+        itemsize = op.operands[0].type.nbytes / max(op.operands[0].type.size, 1)
+        vector = chip.vector_peak(np.dtype(dtype) if not hasattr(dtype, "format") else "fp32")
+        time += reduced / itemsize / vector
+    outside = [ph for ph in phases if ph.fabric == "scale-out"]
+    return CollectiveCost(time, describe(phases), sent, sum(ph.sent_bytes for ph in outside),
+                          sum(ph.time_s for ph in outside), hbm)

@@ -50,7 +50,7 @@ from lowering.op_kinds import KIND_CATEGORY, NO_KERNEL
 from lowering.regions import REGION_KINDS
 from lowering.kernels import is_scalar, is_view
 from mtia_jax.chips import ChipSpec
-from runtime.collectives import collective_time
+from runtime.collectives import collective_cost
 from runtime.op_work import kernel_reads_writes, work_of
 from runtime.work import ACCESS_GRANULE_BYTES
 from runtime.roofline import floor_bytes
@@ -113,8 +113,11 @@ class KernelCost:
     vector_s: float = 0.0   # vector/SFU busy time (compute_s is the larger of the two)
     start_s: float = 0.0
     stream: str = "compute"  # "compute", "dma", "network" or "host"
-    collective_bytes: float = 0.0  # bytes each device sends over the scale-up network
+    collective_bytes: float = 0.0  # bytes each device sends over the network (every fabric)
     transfer_s: float = 0.0  # time on the network or the host link (their streams' kernels)
+    algorithm: str = ""      # a collective's algorithm (``lowering.network.describe``)
+    scale_out_s: float = 0.0  # of ``transfer_s``, the time across scale-up domains
+    scale_out_bytes: float = 0.0  # of ``collective_bytes``, the bytes across scale-up domains
 
     @property
     def time_s(self) -> float:
@@ -137,6 +140,7 @@ class KernelCost:
             transcendentals=self.transcendentals * n, bytes_accessed=self.bytes_accessed * n,
             hbm_bytes=self.hbm_bytes * n, compute_s=self.compute_s * n, hbm_s=self.hbm_s * n,
             launch_s=self.launch_s * n, collective_bytes=self.collective_bytes * n,
+            scale_out_s=self.scale_out_s * n, scale_out_bytes=self.scale_out_bytes * n,
             ideal_matrix_s=self.ideal_matrix_s * n,
             ideal_vector_s=self.ideal_vector_s * n, matrix_s=self.matrix_s * n,
             vector_s=self.vector_s * n, transfer_s=self.transfer_s * n)
@@ -214,10 +218,13 @@ def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
     overhead = accesses * ACCESS_GRANULE_BYTES * (1 / chip.hbm_random_access_efficiency - 1)
     hbm_time = (hbm + overhead) / (chip.hbm_bandwidth * chip.hbm_efficiency)
     if any(w.engine == "network" for w in works):
-        # the send buffer is read from HBM and the receive buffer written to it
-        seconds, _, sent = collective_time(op, chip)
-        return KernelCost(**{**common, "stream": "network", "collective_bytes": sent},
-                          compute_s=0.0, hbm_s=hbm_time, transfer_s=seconds)
+        # on the network stream; what it sends is read from HBM and what it
+        # receives written (and reduced) there (runtime.collectives)
+        c = collective_cost(op, chip)
+        return KernelCost(**{**common, "stream": "network", "hbm_bytes": c.hbm_bytes},
+                          compute_s=0.0, hbm_s=c.hbm_bytes / (chip.hbm_bandwidth * chip.hbm_efficiency),
+                          transfer_s=c.time_s, collective_bytes=c.sent_bytes, algorithm=c.algorithm,
+                          scale_out_s=c.scale_out_s, scale_out_bytes=c.scale_out_bytes)
     if host:
         # No MTIA kernel: operands go to the host over the host link and the
         # results come back, one latency each way. Host compute time is not

@@ -42,7 +42,9 @@ def _emit_constant(op: Op, args: list[Any]) -> list[Any]:
 
 
 # Collectives run as JAX's own collectives over named axes: under
-# ``jax.vmap(axis_name=...)`` on one host device, or ``shard_map`` on a real mesh.
+# ``jax.vmap(axis_name=...)`` on one host device, or ``shard_map`` on a real
+# mesh. A collective may carry several operands (``lowering.passes.
+# combine_collectives``): result i is the collective of operand i.
 _REDUCERS = {"sum": lax.psum, "max": lax.pmax, "min": lax.pmin}
 
 
@@ -52,35 +54,38 @@ def _axes(op: Op) -> tuple[str, ...]:
     return op.attrs.get("axes") or (op.attrs["axis"],)
 
 
+def _each(emit_one: Callable[[Op, Any], Any]) -> EmitRule:
+    """The rule of a collective from that of one of its operands."""
+    return lambda op, args: [emit_one(op, x) for x in args]
+
+
 def _emit_shard_slice(op: Op, args: list[Any]) -> list[Any]:
     (x,), dim = args, op.attrs["dim"]
     chunk = x.shape[dim] // op.attrs["group"]
     return [lax.dynamic_slice_in_dim(x, lax.axis_index(_axes(op)) * chunk, chunk, dim)]
 
 
-def _emit_all_gather(op: Op, args: list[Any]) -> list[Any]:
-    (x,) = args
+def _all_gather(op: Op, x: Any) -> Any:
     for axis in reversed(_axes(op)):  # minor axis first: blocks come together major to minor
         x = lax.all_gather(x, axis, axis=op.attrs["dim"], tiled=True)
-    return [x]
+    return x
 
 
-def _emit_reduce_scatter(op: Op, args: list[Any]) -> list[Any]:
-    (x,) = args
+def _reduce_scatter(op: Op, x: Any) -> Any:
     for axis in _axes(op):  # major axis first
         x = lax.psum_scatter(x, axis, scatter_dimension=op.attrs["dim"], tiled=True)
-    return [x]
+    return x
 
 
 # op kind -> how to compute it on the host; kinds not listed are generic ops
 EMIT_RULES: dict[str, EmitRule] = {
     "constant": _emit_constant,
-    "all_reduce": lambda op, a: [_REDUCERS[op.attrs["reduce"]](a[0], op.attrs["axes"])],
-    "all_gather": _emit_all_gather,
-    "reduce_scatter": _emit_reduce_scatter,
-    "all_to_all": lambda op, a: [lax.all_to_all(a[0], op.attrs["axis"], op.attrs["split"],
-                                                op.attrs["concat"], tiled=True)],
-    "permute": lambda op, a: [lax.ppermute(a[0], op.attrs["axis"], op.attrs["perm"])],
+    "all_reduce": _each(lambda op, x: _REDUCERS[op.attrs["reduce"]](x, op.attrs["axes"])),
+    "all_gather": _each(_all_gather),
+    "reduce_scatter": _each(_reduce_scatter),
+    "all_to_all": _each(lambda op, x: lax.all_to_all(x, op.attrs["axis"], op.attrs["split"],
+                                                     op.attrs["concat"], tiled=True)),
+    "permute": _each(lambda op, x: lax.ppermute(x, op.attrs["axis"], op.attrs["perm"])),
     "axis_index": lambda op, a: [lax.axis_index(op.attrs["axis"])],
     "shard_slice": _emit_shard_slice,
     "sharding_constraint": lambda op, a: list(a),

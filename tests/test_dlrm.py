@@ -184,10 +184,12 @@ def test_sharded_tiny_model_on_a_2x4_mesh_equals_unsharded(cfg):
     np.testing.assert_allclose(f(_params(cfg), dense, sparse),
                                _jax_forward(cfg)(_params(cfg), dense, sparse), rtol=1e-6, atol=1e-6)
     ops = f.lower(_params(cfg), dense, sparse).compile().module.ops
-    kinds = [op.kind for op in ops if op.kind in COLLECTIVES]
-    # row-wise partial sums are all-reduced over "model" (the batch is split over "data");
-    # no table is gathered whole
-    assert kinds.count("all_reduce") >= sum(g.placement == "row_wise" for g in dlrm.table_plan(cfg))
+    # the row-wise tables' partial sums are all-reduced over "model" (the batch
+    # is split over "data") in one collective, as TorchRec does; no table is
+    # gathered whole
+    (all_reduce,) = [op for op in ops if op.kind == "all_reduce"]
+    assert all_reduce.attrs["axes"] == ("model",)
+    assert len(all_reduce.operands) == sum(g.placement == "row_wise" for g in dlrm.table_plan(cfg))
     table_shapes = {tuple(s.shape) for s in jax.tree.leaves(dlrm.param_shapes(cfg)["tables"])}
     assert not [op for op in ops if op.kind == "all_gather"
                 and tuple(op.results[0].type.shape) in table_shapes]
@@ -201,10 +203,12 @@ def test_sharded_on_a_1d_mesh_reduce_scatters_row_wise_and_all_to_alls_table_wis
     dense, sparse, _ = _batch(TINY)
     np.testing.assert_allclose(f(_params(TINY), dense, sparse),
                                _jax_forward(TINY)(_params(TINY), dense, sparse), rtol=1e-6, atol=1e-6)
-    kinds = [op.kind for op in f.lower(_params(TINY), dense, sparse).compile().module.ops
-             if op.kind in COLLECTIVES]
+    collectives = [op for op in f.lower(_params(TINY), dense, sparse).compile().module.ops
+                   if op.kind in COLLECTIVES]
+    # one reduce-scatter for all row-wise tables (TorchRec's one per sharding group)
     row_wise = sum(g.placement == "row_wise" for g in dlrm.table_plan(TINY))
-    assert kinds.count("reduce_scatter") == row_wise and kinds.count("all_to_all") == 1, kinds
+    assert [(op.kind, len(op.operands)) for op in collectives] == [
+        ("reduce_scatter", row_wise), ("all_to_all", 1)], collectives
 
 
 # ------------------------------------------------------------ estimate from shapes
@@ -228,6 +232,10 @@ def test_estimate_of_mlperf_dcnv2_on_8_chips_runs_from_shapes_and_fits_truthfull
     assert weights == pytest.approx(104.6e9 / 8, rel=0.01)           # 13 GB of fp32 weights each
     assert weights <= report.peak_hbm_bytes <= weights + 2e9          # + activations of 2048 samples
     assert report.fits and report.peak_hbm_bytes <= mtia_jax.chips.get("mtia400").hbm_bytes
+    # the 10 row-wise tables' bags are reduce-scattered in one collective, the
+    # two stacks' bags exchanged in one all-to-all
+    assert sorted(k.kind for k in report.cost.kernels if k.stream == "network") == [
+        "all_to_all", "reduce_scatter"]
     # the whole model (104.6 GB in fp32) does not fit one H100's 80 GB
     one = dlrm.estimate(MLPERF, 256, chip="h100")
     assert one.peak_hbm_bytes >= dlrm.param_count(MLPERF) * 4 and not one.fits

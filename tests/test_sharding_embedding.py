@@ -52,12 +52,13 @@ def _normal(seed, shape):
 
 
 def _collectives(module):
-    """(kind, operand shape, mesh axes) of every collective, in program order."""
+    """(kind, operand shapes, mesh axes) of every collective, in program order
+    (a combined collective has several operands)."""
     found = []
     for op in module.ops:
         if op.kind in COLLECTIVE_KINDS:
             axes = op.attrs.get("axes") or (op.attrs["axis"],)
-            found.append((op.kind, op.operands[0].type.shape, axes))
+            found.append((op.kind, tuple(v.type.shape for v in op.operands), axes))
         for region in op.regions.values():
             found.extend(_collectives(region))
     return found
@@ -74,7 +75,9 @@ def _run(fn, args, in_shardings, out_shardings=None):
 
 
 def _all_reduce(nbytes, p=G):
-    return 2 * (p - 1) / p * nbytes
+    # buffers this small all-reduce in one shot: each device sends its whole
+    # buffer to the p - 1 others (lowering.network)
+    return (p - 1) * nbytes
 
 
 def _one_way(nbytes, p=G):  # reduce-scatter / all-to-all input, all-gather output
@@ -191,7 +194,7 @@ def test_index_sets_must_group_over_the_stack_of_tables():
 def test_row_wise_bags_are_partial_sums_added_by_one_all_reduce(layout, mode, weighted):
     args = (_normal(6, (N, D)), *_bag_args(layout, weighted))
     _, compiled = _run(_bag_fn(layout, mode, weighted), args, _split_table(args))
-    assert _collectives(compiled.module) == [("all_reduce", (BAGS, D), ("x",))]  # no table all-gather
+    assert _collectives(compiled.module) == [("all_reduce", ((BAGS, D),), ("x",))]  # no table all-gather
     assert compiled.cost_analysis()["collective_bytes"] == pytest.approx(_all_reduce(BAGS * D * 4))
 
 
@@ -203,7 +206,7 @@ def test_row_wise_bags_reduce_scatter_onto_the_batch(layout):
     if segs is not None:
         args += (jnp.asarray(segs, jnp.int32),)
     _, compiled = _run(_bag_fn(layout), args, _split_table(args), out_shardings=ns("x"))
-    assert _collectives(compiled.module) == [("reduce_scatter", (8, D), ("x",))]
+    assert _collectives(compiled.module) == [("reduce_scatter", ((8, D),), ("x",))]
     assert compiled.cost_analysis()["collective_bytes"] == pytest.approx(_one_way(8 * D * 4))
 
 
@@ -226,7 +229,7 @@ def test_row_wise_padding_and_ids_outside_the_table_stay_invalid_on_every_device
 def test_row_wise_max_gathers_the_table():
     args = (_normal(10, (N, D)), jnp.asarray(PADDED))
     _, compiled = _run(_bag_fn("padded", "max"), args, (ns("x", None), None))
-    assert _collectives(compiled.module) == [("all_gather", (N // G, D), ("x",))]
+    assert _collectives(compiled.module) == [("all_gather", ((N // G, D),), ("x",))]
     assert compiled.cost_analysis()["collective_bytes"] == pytest.approx(_one_way(N * D * 4))
 
 
@@ -234,8 +237,8 @@ def test_row_wise_with_batch_split_ids_gathers_the_ids_and_reduce_scatters_the_b
     ids = jnp.asarray(np.concatenate([PADDED, PADDED[:2]]))  # 8 bags of 4
     _, compiled = _run(_bag_fn("padded"), (_normal(11, (N, D)), ids), (ns("x", None), ns("x")),
                        out_shardings=ns("x"))
-    assert _collectives(compiled.module) == [("all_gather", (1, 2, 4), ("x",)),
-                                             ("reduce_scatter", (8, D), ("x",))]
+    assert _collectives(compiled.module) == [("all_gather", ((1, 2, 4),), ("x",)),
+                                             ("reduce_scatter", ((8, D),), ("x",))]
     assert compiled.cost_analysis()["collective_bytes"] == pytest.approx(
         _one_way(8 * 4 * 4) + _one_way(8 * D * 4))
 
@@ -245,7 +248,7 @@ def test_row_wise_over_model_keeps_the_batch_split_over_data():
     _, compiled = _run(_bag_fn("padded", "mean"), (_normal(12, (N, D)), ids),
                        (ns("model", None, mesh=MESH_2X4), ns("data", mesh=MESH_2X4)),
                        out_shardings=ns("data", mesh=MESH_2X4))
-    assert _collectives(compiled.module) == [("all_reduce", (4, D), ("model",))]
+    assert _collectives(compiled.module) == [("all_reduce", ((4, D),), ("model",))]
     assert compiled.cost_analysis()["collective_bytes"] == pytest.approx(_all_reduce(4 * D * 4))
 
 
@@ -255,8 +258,8 @@ def test_rows_split_over_two_mesh_axes_reduce_scatter_over_both():
     both_axes = ns(("data", "model"), mesh=MESH_2X4)
     _, compiled = _run(both, (table, ids), (ns(("data", "model"), None, mesh=MESH_2X4), None),
                        out_shardings=(both_axes, both_axes))
-    assert _collectives(compiled.module) == [("reduce_scatter", (8, D), ("data", "model")),
-                                             ("reduce_scatter", (8, 4, D), ("data", "model"))]
+    # both lookups' partial sums in one combined reduce-scatter
+    assert _collectives(compiled.module) == [("reduce_scatter", ((8, D), (8, 4, D)), ("data", "model"))]
     assert compiled.cost_analysis()["collective_bytes"] == pytest.approx(
         _one_way(8 * D * 4, p=8) + _one_way(8 * 4 * D * 4, p=8))
 
@@ -279,7 +282,7 @@ def test_stacked_tables_split_table_wise_and_row_wise():
                        (ns("data", "model", None, mesh=MESH_2X4), None),
                        out_shardings=ns("data", mesh=MESH_2X4))
     # tables split over data (no communication), rows over model (one all-reduce)
-    assert _collectives(compiled.module) == [("all_reduce", (2, BAGS, D), ("model",))]
+    assert _collectives(compiled.module) == [("all_reduce", ((2, BAGS, D),), ("model",))]
 
 
 # ------------------------------------------------------------ table-wise
@@ -344,7 +347,8 @@ GATHER_IDS = jnp.asarray([[0, 5, 15, 16], [-1, -17, 100, 8]], jnp.int32)
 def test_gather_from_a_row_split_table_is_one_all_reduce_in_every_mode():
     every = lambda t, i: tuple(fn(t, i) for fn in GATHERS.values())
     _, compiled = _run(every, (_normal(22, (N, D)), GATHER_IDS), (ns("x", None), None))
-    assert _collectives(compiled.module) == [("all_reduce", (2, 4, D), ("x",))] * len(GATHERS)
+    # one all-reduce for the partial sums of every gather (combined)
+    assert _collectives(compiled.module) == [("all_reduce", ((2, 4, D),) * len(GATHERS), ("x",))]
     assert compiled.cost_analysis()["collective_bytes"] == pytest.approx(
         len(GATHERS) * _all_reduce(2 * 4 * D * 4))
 
@@ -352,7 +356,7 @@ def test_gather_from_a_row_split_table_is_one_all_reduce_in_every_mode():
 def test_gather_from_a_row_split_table_reduce_scatters_onto_a_split_output():
     _, compiled = _run(GATHERS["take"], (_normal(23, (N, D)), GATHER_IDS), (ns("x", None), None),
                        out_shardings=ns(None, "x"))
-    assert _collectives(compiled.module) == [("reduce_scatter", (2, 4, D), ("x",))]
+    assert _collectives(compiled.module) == [("reduce_scatter", ((2, 4, D),), ("x",))]
 
 
 def test_gather_with_a_two_entry_index_vector_shifts_the_split_entry_only():
@@ -364,8 +368,7 @@ def test_gather_with_a_two_entry_index_vector_shifts_the_split_entry_only():
     every = lambda t, i, j: (t[i, j], t.at[i, j].get(mode="fill", fill_value=0.5),
                              jax.lax.gather(t, i[:, None], rows, (1, 6, D), mode="clip"))
     _, compiled = _run(every, (table, i, j), (ns("x", None, None), None, None))
-    assert _collectives(compiled.module) == [("all_reduce", (5, D), ("x",))] * 2 + [
-        ("all_reduce", (5, 1, 6, D), ("x",))]
+    assert _collectives(compiled.module) == [("all_reduce", ((5, D), (5, D), (5, 1, 6, D)), ("x",))]
 
 
 def test_gather_from_a_column_split_table_needs_no_communication():
@@ -377,7 +380,7 @@ def test_gather_from_a_column_split_table_needs_no_communication():
 def test_gather_from_a_row_split_integer_table_gathers_the_table():
     table = jnp.arange(N * D, dtype=jnp.int32).reshape(N, D)
     _, compiled = _run(GATHERS["getitem"], (table, GATHER_IDS), (ns("x", None), None))
-    assert _collectives(compiled.module) == [("all_gather", (N // G, D), ("x",))]
+    assert _collectives(compiled.module) == [("all_gather", ((N // G, D),), ("x",))]
 
 
 # ------------------------------------------------------------ real devices, and XLA

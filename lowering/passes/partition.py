@@ -514,14 +514,16 @@ def rule_for(op: Op) -> Callable[[Partitioner, Op], None]:
 
 
 def partition(module: Module, mesh: dict[str, int], in_specs: list[Spec],
-              out_specs: list[Spec | None] | None = None, precision=None) -> Module:
+              out_specs: list[Spec | None] | None = None, precision=None,
+              scale_out_axes=()) -> Module:
     """The per-device module of ``module`` over ``mesh``; ``precision`` is the
-    policy the precision pass will apply (see ``Partitioner``)."""
+    policy the precision pass will apply (see ``Partitioner``);
+    ``scale_out_axes`` the mesh axes whose collectives cross scale-up domains."""
     result, final = _partition_function(Partitioner(mesh, precision, rule_for), module,
                                         list(in_specs), out_specs)
     layout = SpmdLayout(tuple(mesh.items()), tuple(tuple(s) for s in in_specs), tuple(final))
     result = dataclasses.replace(result, layout=layout)
-    collectives.set_groups(result, mesh)
+    collectives.set_groups(result, mesh, scale_out_axes)
     return result
 
 
@@ -538,4 +540,4 @@ def run(module: Module, ctx) -> Module:
         return module
     in_specs = getattr(ctx, "in_specs", None) or [(None,) * len(v.type.shape) for v in module.params]
     return partition(module, dict(mesh), list(in_specs), getattr(ctx, "out_specs", None),
-                     getattr(ctx, "precision", None))
+                     getattr(ctx, "precision", None), getattr(ctx, "scale_out_axes", ()))

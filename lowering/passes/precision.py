@@ -79,8 +79,8 @@ from lowering.ir import Module, Op, Value
 from mtia_jax.mx import DEFAULT_BLOCK_SIZE
 from mtia_jax.primitives.mx_matmul import mx_matmul_p
 
-# ops whose result is a weight when their (first) operand is one (an
-# all_gather from the partition pass reassembles a sharded weight)
+# ops whose result i is a weight when their operand i is one (an all_gather
+# from the partition pass reassembles a sharded weight)
 WEIGHT_VIEWS = frozenset({
     "reshape", "squeeze", "expand_dims", "transpose", "convert_element_type", "copy",
     "slice", "dynamic_slice", "stop_gradient", "all_gather",
@@ -138,8 +138,8 @@ def _rewrite(module: Module, weights: set[Value], policy) -> Module:
                 op = dataclasses.replace(op, regions={
                     name: _rewrite(region, _region_weights(op, name, weights), policy)
                     for name, region in op.regions.items()})
-        elif op.kind in WEIGHT_VIEWS and op.operands and op.operands[0] in weights:
-            weights.update(op.results)
+        elif op.kind in WEIGHT_VIEWS:  # result i from operand i (a combined all_gather has several)
+            weights.update(r for v, r in zip(op.operands, op.results) if v in weights)
         elif op.kind == "dot_general":
             formats = _formats(op, weights, policy)
             if formats is not None:
