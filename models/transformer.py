@@ -279,6 +279,14 @@ def forward(cfg: Config, params: dict, tokens, lengths=None):
     if lengths.shape != (b,):
         raise ValueError(f"forward: lengths must have shape (B,) = ({b},), got {lengths.shape}")
     lengths = lengths.astype(jnp.int32)
+    x, ks, vs = _run_layers(cfg, params["layers"], _embed(params, tokens), lengths)
+    return _logits(cfg, params, x), ks, vs
+
+
+def _run_layers(cfg: Config, layers: dict, x, lengths):
+    """Hidden states (B, T, D) through the stacked ``layers`` (causal, no
+    cache); also their keys and values ``(L, B, T, K, H)`` each."""
+    b, t, _ = x.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
     def layer(x, w):
@@ -290,8 +298,53 @@ def forward(cfg: Config, params: dict, tokens, lengths=None):
         x = x + _mlp(cfg, w, rms_norm(x, w["mlp_norm"], eps=cfg.norm_eps))
         return x, (k, v)
 
-    x, (ks, vs) = lax.scan(layer, _embed(params, tokens), params["layers"])
-    return _logits(cfg, params, x), ks, vs
+    x, (ks, vs) = lax.scan(layer, x, layers)
+    return x, ks, vs
+
+
+# ------------------------------------------------------------ pipeline stages
+
+def _stage_layers(cfg: Config, stage: int, stages: int) -> slice:
+    if stages < 1 or not 0 <= stage < stages:
+        raise ValueError(f"stage {stage} of {stages}: need 0 <= stage < stages")
+    if cfg.layers % stages:
+        raise ValueError(f"{cfg.layers} layers do not split into {stages} pipeline stages of equal "
+                         f"depth; choose a stage count that divides {cfg.layers}")
+    per = cfg.layers // stages
+    return slice(stage * per, (stage + 1) * per)
+
+
+def stage_params(cfg: Config, params: dict, stage: int, stages: int) -> dict:
+    """The parameters pipeline stage ``stage`` of ``stages`` holds: its
+    ``layers / stages`` consecutive layers, the embedding on the first stage,
+    the final norm and output head on the last (works on ShapeDtypeStructs)."""
+    rows = _stage_layers(cfg, stage, stages)
+    depth = rows.stop - rows.start
+    layers = jax.tree.map(lambda w: jax.ShapeDtypeStruct((depth, *w.shape[1:]), w.dtype)
+                          if isinstance(w, jax.ShapeDtypeStruct) else w[rows], params["layers"])
+    out = {"layers": layers}
+    if stage == 0:
+        out["embed"] = params["embed"]
+    if stage == stages - 1:
+        out["final_norm"] = params["final_norm"]
+        out |= {"lm_head": params["lm_head"]} if "lm_head" in params else {"embed": params["embed"]}
+    return out
+
+
+def prefill_stage(cfg: Config, params: dict, x, lengths, *, first: bool, last: bool):
+    """Pipeline stage of a prefill: ``params`` from ``stage_params``; ``x`` the
+    token ids (B, T) on the first stage, else the hidden states (B, T, D)
+    from the stage before. Returns (hidden states, or on the last stage the
+    logits (B, vocab) float32 of each sequence's last valid token; keys;
+    values), the keys and values ``(layers / stages, B, T, K, H)`` of this
+    stage's layers. The stages applied in order equal ``forward`` and
+    ``last_token_logits``."""
+    x = _embed(params, _check_tokens("prefill_stage", x, 2, "(B, T)")) if first else x
+    lengths = jnp.asarray(lengths, jnp.int32)
+    x, ks, vs = _run_layers(cfg, params["layers"], x, lengths)
+    if last:
+        x = _logits(cfg, params, jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0])
+    return x, ks, vs
 
 
 def _check_cache(fn: str, cfg: Config, cache: dict, batch: int):

@@ -25,6 +25,8 @@ _LAZY = {
     "estimate": ("mtia_jax.estimate", "estimate"),
     "make_mesh": ("mtia_jax.mesh", "make_mesh"),
     "Report": ("mtia_jax.estimate", "Report"),
+    "estimate_pipeline": ("mtia_jax.pipeline", "estimate_pipeline"),
+    "PipelineStage": ("mtia_jax.pipeline", "PipelineStage"),
     "PrecisionPolicy": ("mtia_jax.precision", "PrecisionPolicy"),
     "precision_policy": ("mtia_jax.precision", "precision_policy"),
     "errors": ("mtia_jax.errors", None),

@@ -70,6 +70,16 @@ class Report:
         return self.cost.total("collective_bytes")
 
     @property
+    def scale_out_s(self) -> float:
+        """Of ``collective_time_s``, the modeled time of phases across scale-up
+        domains (mesh axes marked ``scale_out_axes``)."""
+        return float(sum(k.scale_out_s for k in self.cost.kernels))
+
+    @property
+    def scale_out_bytes(self) -> float:
+        return float(sum(k.scale_out_bytes for k in self.cost.kernels))
+
+    @property
     def devices(self) -> int:
         return self.module.layout.devices if self.module.layout is not None else 1
 
@@ -88,6 +98,7 @@ class Report:
                 "peak_hbm_bytes": self.peak_hbm_bytes, "hbm_capacity_bytes": self.chip.hbm_bytes,
                 "fits": self.fits, "flops": self.flops, "hbm_bytes": self.hbm_bytes,
                 "collective_time_s": self.collective_time_s, "collective_bytes": self.collective_bytes,
+                "scale_out_s": self.scale_out_s, "scale_out_bytes": self.scale_out_bytes,
                 "unmeasured_loops": list(self.cost.assumed_loops),
                 "precision": str(self.precision) if self.precision is not None else None,
                 "by_kind": self.breakdown("kind"), "by_bound": self.breakdown("bound")}

@@ -114,6 +114,7 @@ class ProfileRow:
     share: float     # of the program's modeled time, 0..1
     bound: str       # "compute", "memory", "launch", "network" or "host"
     stream: str
+    algorithm: str = ""  # a collective's algorithm (``lowering.network.describe``)
 
 
 def _si(value: float, unit: str) -> str:
@@ -152,7 +153,7 @@ class Profile:
         rows = [ProfileRow(name=_trace.event_name(k), kind=k.kind, path=k.path, source=k.source,
                            count=k.count, flops=k.flops, hbm_bytes=k.hbm_bytes, time_s=k.time_s,
                            share=k.time_s / total if total > 0 else 0.0, bound=_trace.kernel_bound(k),
-                           stream=k.stream)
+                           stream=k.stream, algorithm=k.algorithm)
                 for k in cost.kernels]
         rows.sort(key=lambda r: -r.time_s)  # stable: ties keep program order
         return cls(cost.chip, rows, total, cost.roofline_time_s, cost.assumed_loops)
@@ -172,7 +173,8 @@ class Profile:
         return len(self.rows)
 
     def _cells(self, row: ProfileRow) -> tuple[str, ...]:
-        return (row.kind, row.path, _count(row.count), _si(row.flops, "FLOP"),
+        kind = f"{row.kind} ({row.algorithm})" if row.algorithm else row.kind
+        return (kind, row.path, _count(row.count), _si(row.flops, "FLOP"),
                 _si(row.hbm_bytes, "B"), f"{row.time_s * 1e6:.3f}", f"{row.share:.1%}",
                 row.bound, row.source)
 

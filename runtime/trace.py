@@ -128,7 +128,8 @@ def chrome_trace(recorder: Recorder) -> dict[str, Any]:
                 "pid": pids[device], "tid": thread(device, k.stream),
                 "args": {"flops": k.flops, "hbm_bytes": k.hbm_bytes, "bound": kernel_bound(k),
                          "count": k.count, "path": k.path, "source": k.source,
-                         "program": call.program, "call": number},
+                         "program": call.program, "call": number,
+                         **({"algorithm": k.algorithm} if k.algorithm else {})},
             })
         clock[device] = start + cost.time_s
     return {"traceEvents": events, "displayTimeUnit": "ns",
