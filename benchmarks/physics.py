@@ -18,6 +18,11 @@ chip's published HBM bandwidth, independently of the cost model:
 3. The floor: modeled time >= roofline (``efficiency <= 1``) on the models
    and benchmark programs, and the roofline equal to the hand floor where
    one is computed.
+4. The network: a 16 KB all-reduce over 72 chips against 20 us and against
+   its floor (one hop, and the (p-1)/p N every device must receive over the
+   link bandwidth); an all-gather beside an independent memory-bound
+   ``x + 1`` against the slower of the two alone; Llama-3-70B decode at
+   batch 8 on 64 chips against 8 (``benchmarks/programs.py``'s layout).
 
 Each line prints the figure, the bound it is held to, and PASS or FAIL; the
 exit status is 1 if any fails. Modeled figures are model outputs, not
@@ -177,10 +182,48 @@ def section_floor() -> None:
               rep.time_s >= rep.roofline_time_s * (1 - 1e-9))
 
 
+def _all_reduce_16kb():
+    mesh = mtia_jax.make_mesh((72,), ("model",), chip=CHIP)
+    return mtia_jax.estimate(lambda x: x.sum(0), S((72, 4096), jnp.float32), chip=CHIP, mesh=mesh,
+                             in_shardings=(jax.sharding.PartitionSpec("model"),),
+                             out_shardings=jax.sharding.PartitionSpec())
+
+
+def _tp_decode(chips: int):
+    config = programs.LLAMA_CONFIGS["llama3-70b"]
+    fn = functools.partial(programs.llama_decode_step, heads=config["heads"], kv_heads=config["kv_heads"])
+    return mtia_jax.estimate(fn, *programs.llama_shapes(config, 8, 4096), chip=CHIP,
+                             mesh=programs.llama_mesh(config, 1, chips, chip=CHIP),
+                             in_shardings=programs.llama_shardings(config, chips), donate_argnums=(1, 2))
+
+
+def section_network() -> None:
+    print("4. The network")
+    chip = mtia_jax.chips.get(CHIP)
+    (kernel,) = [k for k in _all_reduce_16kb().cost.kernels if k.stream == "network"]
+    n, p = 4096 * 4, 72
+    floor = chip.scaleup_link_latency_s + (p - 1) / p * n / chip.scaleup_link_bandwidth
+    check(f"all-reduce of 16 KB over 72 chips ({kernel.algorithm}), launch included: us",
+          kernel.time_s * 1e6, "<= 20", kernel.time_s <= 20e-6)
+    check("its network time / one hop + (p-1)/p N over the link", kernel.transfer_s / floor, ">= 1",
+          kernel.transfer_s >= floor)
+    P = jax.sharding.PartitionSpec
+    mesh = mtia_jax.make_mesh((8,), ("model",), chip=CHIP)
+    a, x = S((8 * 2**20 * 2,), jnp.float32), S((2**28,), jnp.float32)
+    kw = dict(chip=CHIP, mesh=mesh)
+    both = mtia_jax.estimate(lambda a, x: (a * 1, x + 1), a, x, in_shardings=(P("model"), P()),
+                             out_shardings=(P(), P()), **kw).time_s
+    alone = max(mtia_jax.estimate(lambda a: a * 1, a, in_shardings=(P("model"),), out_shardings=P(), **kw).time_s,
+                mtia_jax.estimate(lambda x: x + 1, x, in_shardings=(P(),), out_shardings=P(), **kw).time_s)
+    check("all-gather beside x + 1 / the slower alone", both / alone, "<= 1.3", both <= 1.3 * alone)
+    ratio = _tp_decode(64).time_s / _tp_decode(8).time_s
+    check("70B decode B8 KV 4096: 64 chips / 8 chips", ratio, "<= 1.1", ratio <= 1.1)
+
+
 def main() -> int:
     start = time.perf_counter()
     print(f"Physics of the modeled timeline on {CHIP} (model outputs, not measurements)\n")
-    for section in (section_decode, section_loops, section_floor):
+    for section in (section_decode, section_loops, section_floor, section_network):
         section()
         print()
     failed = RESULTS.count(False)

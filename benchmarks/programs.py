@@ -180,17 +180,38 @@ def llama_shapes(config: dict, batch: int, cache_len: int, dtype=jnp.bfloat16, k
             jax.ShapeDtypeStruct((), jnp.int32))
 
 
-def llama_shardings(config: dict | None = None, model: int = 1):
-    """Megatron tensor parallel over "model", batch over "data" (PartitionSpecs).
+def _kv_groups(config: dict | None, model: int) -> bool:
+    """Whether ``model`` tensor-parallel devices outnumber the KV heads in whole groups."""
+    return config is not None and model > config["kv_heads"] and model % config["kv_heads"] == 0
 
-    K/V projections and the KV cache split by KV head when ``model`` divides
-    the KV heads, and are replicated over "model" otherwise."""
+
+def llama_mesh(config: dict | None, data: int, model: int, chip=None):
+    """The mesh ``llama_shardings(config, model)`` expects: ("data", "model"),
+    or, when ``model`` devices outnumber the KV heads, ("data", "model",
+    "rep") with "model" the KV heads and "rep" the devices sharing each."""
+    import mtia_jax
+    if _kv_groups(config, model):
+        kv = config["kv_heads"]
+        return mtia_jax.make_mesh((data, kv, model // kv), ("data", "model", "rep"), chip=chip)
+    return mtia_jax.make_mesh((data, model), ("data", "model"), chip=chip)
+
+
+def llama_shardings(config: dict | None = None, model: int = 1):
+    """Megatron tensor parallel over ``model`` devices, batch over "data"
+    (PartitionSpecs, on ``llama_mesh``).
+
+    K/V projections and the KV cache split by KV head. With more devices
+    than KV heads, query heads, FFN and vocabulary split over ("model",
+    "rep") and each KV head lives on the "rep" devices whose query heads
+    read it (as vLLM replicates KV heads); when ``model`` neither divides nor
+    is a multiple of the KV heads, they are replicated over "model"."""
     from jax.sharding import PartitionSpec as P
-    kv_split = config is None or config["kv_heads"] % model == 0
+    tp = ("model", "rep") if _kv_groups(config, model) else "model"
+    kv_split = config is None or config["kv_heads"] % model == 0 or _kv_groups(config, model)
     kv = P(None, None, "model") if kv_split else P()
-    layers = {"ln1": P(), "ln2": P(), "wq": P(None, None, "model"), "wk": kv, "wv": kv,
-              "wo": P(None, "model", None), "w1": P(None, None, "model"),
-              "w3": P(None, None, "model"), "w2": P(None, "model", None)}
-    params = {"embed": P(), "layers": layers, "ln_f": P(), "unembed": P(None, "model")}
+    layers = {"ln1": P(), "ln2": P(), "wq": P(None, None, tp), "wk": kv, "wv": kv,
+              "wo": P(None, tp, None), "w1": P(None, None, tp),
+              "w3": P(None, None, tp), "w2": P(None, tp, None)}
+    params = {"embed": P(), "layers": layers, "ln_f": P(), "unembed": P(None, tp)}
     cache = P(None, "data", None, "model" if kv_split else None, None)
     return (params, cache, cache, P("data"), P())

@@ -64,13 +64,26 @@ def _prefill(chip):
                              chip=chip, donate_argnums=(3,)).time_s
 
 
-def _tp8(chip):
-    config = dict(layers=80, d_model=8192, ffn=28672, heads=64, kv_heads=8, vocab=128256)
-    mesh = mtia_jax.make_mesh((1, 8), ("data", "model"), chip=chip)
-    fn = functools.partial(programs.llama_decode_step, heads=64, kv_heads=8)
+def _tp(chip, chips: int):
+    config = programs.LLAMA_CONFIGS["llama3-70b"]
+    mesh = programs.llama_mesh(config, 1, chips, chip=chip)
+    fn = functools.partial(programs.llama_decode_step, heads=config["heads"], kv_heads=config["kv_heads"])
     return mtia_jax.estimate(fn, *programs.llama_shapes(config, 8, 4096), chip=chip, mesh=mesh,
-                             in_shardings=programs.llama_shardings(config, 8),
+                             in_shardings=programs.llama_shardings(config, chips),
                              donate_argnums=(1, 2)).time_s
+
+
+def _dcnv2_8(chip):
+    mesh = mtia_jax.make_mesh((8,), ("model",), chip=chip)
+    return dlrm.estimate(dlrm.Config.preset("mlperf-dcnv2"), 8 * 2048, chip=chip, mesh=mesh).time_s
+
+
+def _pipeline_405b(chip):
+    cfg = tf.Config.preset("llama3-405b")
+    mesh = mtia_jax.make_mesh((2, 9, 8), ("pod", "stage", "model"), chip=chip, scale_out_axes=("pod",))
+    stages = tf.pipeline_stages(cfg, 18, 1, 4096, mtia_jax.make_mesh((8,), ("model",), chip=chip))
+    return mtia_jax.estimate_pipeline(stages, mesh=mesh,
+                                      axis=("pod", "stage"), microbatches=8, chip=chip).time_s
 
 
 HEADLINES = {
@@ -81,7 +94,10 @@ HEADLINES = {
                                                     chip=c).time_s,
     "8B prefill 2048": _prefill,
     "DCNv2 4096 pairs": lambda c: dlrm.estimate(dlrm.Config.preset("mlperf-dcnv2"), 4096, chip=c).time_s,
-    "70B decode B8 TP8": _tp8,
+    "70B decode B8 TP8": lambda c: _tp(c, 8),
+    "70B decode B8 TP64": lambda c: _tp(c, 64),
+    "DCNv2 8 chips x 2048": _dcnv2_8,
+    "405B prefill 2 racks PP": _pipeline_405b,
 }
 
 
@@ -92,8 +108,8 @@ def _scaled_chip(field: str):
         new = value * factor
         if field in chips.FRACTION_FIELDS:
             new = min(new, 1.0)
-        if field in ("pe_local_bytes", "sram_bytes"):
-            new = int(new)
+        if field in ("pe_local_bytes", "sram_bytes", "scaleup_links"):
+            new = max(int(round(new)), 1)
         yield BASE.replace(**{field: new})
     return scaled
 
@@ -128,7 +144,10 @@ CONSTANTS = {
     "sram_bytes": ("on-chip SRAM (tile K depth)", _scaled_chip("sram_bytes")),
     "pe_local_bytes": ("PE local memory (tile, q block)", _scaled_chip("pe_local_bytes")),
     "clock_hz": ("clock (DPE cycles per FLOP)", _scaled_chip("clock_hz")),
-    "scaleup_link_latency_s": ("per-message latency of the scale-up fabric", _scaled_chip("scaleup_link_latency_s")),
+    "scaleup_link_latency_s": ("flight time of a scale-up message (1 us)", _scaled_chip("scaleup_link_latency_s")),
+    "scaleup_message_s": ("issue time per message (0.1 us)", _scaled_chip("scaleup_message_s")),
+    "scaleup_links": ("messages in flight per device (12 links)", _scaled_chip("scaleup_links")),
+    "scaleout_latency_s": ("per-message latency between racks (5 us)", _scaled_chip("scaleout_latency_s")),
     "collective_efficiency": ("achievable link fraction (1)", _scaled_chip("collective_efficiency")),
     "DPE_FILL_DRAIN_CYCLES": ("DPE fill + drain per native block (64)", _scaled_module(((tiling, "DPE_FILL_DRAIN_CYCLES"),))),
     "ACCESS_GRANULE_BYTES": ("DRAM access granule (64 B)", _scaled_module(((work, "ACCESS_GRANULE_BYTES"), (cost_model, "ACCESS_GRANULE_BYTES")))),

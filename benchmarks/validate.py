@@ -383,7 +383,7 @@ def describe(row: data.Row) -> str:
 
 # The held-out figures docs/validation.md states (``--markdown`` writes them);
 # tests/test_validation.py fails if the model's held-out errors grow past them.
-DOCUMENTED_HELD_OUT = {"median": 0.106, "geomean": 0.098}
+DOCUMENTED_HELD_OUT = {"median": 0.115, "geomean": 0.090}
 WITHIN = 0.20  # the share of rows within +-20 % is reported
 
 

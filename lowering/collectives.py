@@ -26,6 +26,7 @@ import math
 from jax.extend import core as jcore
 
 from lowering.ir import Op, Value
+from mtia_jax import mesh as mesh_lib
 from mtia_jax.errors import UnsupportedOperationError
 
 COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "permute")
@@ -86,7 +87,7 @@ def _shard_map_rule(builder, eqn: jcore.JaxprEqn, operands: list[Value]) -> list
     mesh = params["mesh"]
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     body = builder.import_region(jcore.ClosedJaxpr(params["jaxpr"], ()), "shard_map_body")
-    set_groups(body, sizes)
+    set_groups(body, sizes, mesh_lib.scale_out_axes(mesh))
     results = [builder.new_value(v.aval) for v in eqn.outvars]
     builder.emit(Op("shard_map", operands, results,
                     {"mesh": sizes, "in_specs": tuple(params["in_specs"]),

@@ -20,8 +20,9 @@ halving-doubling schedules). With N the bytes of the per-device buffer
 | kind           | algorithm          | time                                            | fabric   |
 |----------------|--------------------|-------------------------------------------------|----------|
 | all_reduce     | ring               | 2 (p-1) step(1, N/p)                            | any      |
-|                | halving_doubling   | 2 ceil(log2 p) step(1, -) + 2 (p-1)/p N/B       | any      |
-|                |                    |   (+ 2 step(1, N) when p is not a power of 2)   |          |
+|                | halving_doubling   | 2 log2 q step(1, -) + 2 (q-1)/q N/B, q the      | any      |
+|                |                    |   largest power of 2 <= p (+ 2 step(1, N) to    |          |
+|                |                    |   fold the p - q others in and out)             |          |
 |                | one_shot           | step(p-1, (p-1) N)                              | switched |
 |                | two_shot           | 2 step(p-1, (p-1)/p N)                          | switched |
 | all_gather,    | ring               | (p-1) step(1, N/p)                              | any      |
@@ -106,6 +107,7 @@ class Phase:
     time_s: float
     sent_bytes: float
     reduced_bytes: float
+    concurrent: bool = False  # runs at the same time as the phase before it
 
     def __str__(self) -> str:
         where = "" if self.fabric == "scale-up" else f", {self.fabric}"
@@ -125,13 +127,16 @@ def _ring_all_reduce(p, n, f):
 
 
 def _halving_doubling_all_reduce(p, n, f):
-    steps = 2 * _log2(p)
-    time = steps * f.step(1, 0.0) + 2 * (p - 1) / p * n / f.bandwidth
-    sent = 2 * (p - 1) / p * n
-    if p & (p - 1):  # fold the extra devices in before and out after (Rabenseifner)
+    # Rabenseifner: on the largest power of two q <= p; the p - q extra
+    # devices fold their buffers in before and get the result after
+    q = 1 << (p.bit_length() - 1)
+    steps = 2 * (q.bit_length() - 1)
+    time = steps * f.step(1, 0.0) + 2 * (q - 1) / q * n / f.bandwidth
+    sent = 2 * (q - 1) / q * n
+    if q != p:
         time += 2 * f.step(1, n)
         sent += n
-    return time, sent, (p - 1) / p * n
+    return time, sent, (q - 1) / q * n + (n if q != p else 0.0)
 
 
 def _one_shot_all_reduce(p, n, f):
@@ -238,10 +243,21 @@ def plan(op, chip) -> tuple[Phase, ...]:
         # cross scale-out while those for the domain's own cross scale-up
         remote_bytes = (outer - 1) / outer * n
         remote = Phase(kind, "direct", out.name, p, n, out.step(p - inner, remote_bytes), remote_bytes, 0.0)
-        local = phase(kind, inner, n / outer, up)
-        slower = max((remote, local), key=lambda ph: ph.time_s)
-        return (dataclasses.replace(slower, sent_bytes=remote.sent_bytes + local.sent_bytes),)
+        local = dataclasses.replace(phase(kind, inner, n / outer, up), concurrent=True)
+        return (remote, local)
     return (phase(kind, p, n, out),)  # a permute whose pairs cross domains
+
+
+def elapsed(phases: tuple[Phase, ...]) -> float:
+    """A plan's time: phases one after another, a concurrent phase alongside
+    the one before it (the slower of the two counts)."""
+    total, running = 0.0, 0.0
+    for ph in phases:
+        if ph.concurrent:
+            running = max(running, ph.time_s)
+        else:
+            total, running = total + running, ph.time_s
+    return total + running
 
 
 def describe(phases: tuple[Phase, ...]) -> str:
@@ -251,4 +267,5 @@ def describe(phases: tuple[Phase, ...]) -> str:
     if len(phases) == 1:
         only = phases[0]
         return only.algorithm if only.fabric == "scale-up" else f"{only.algorithm}@scale-out"
-    return "hierarchical[" + " + ".join(str(ph) for ph in phases) + "]"
+    steps = "".join((" | " if ph.concurrent else " + ") + str(ph) for ph in phases)[3:]
+    return "hierarchical[" + steps + "]"

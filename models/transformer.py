@@ -331,6 +331,30 @@ def stage_params(cfg: Config, params: dict, stage: int, stages: int) -> dict:
     return out
 
 
+def pipeline_stages(cfg: Config, stages: int, microbatch: int, seq: int, stage_mesh,
+                    rules: dict | None = None) -> list:
+    """``mtia_jax.PipelineStage`` s of a prefill of ``microbatch`` sequences of
+    ``seq`` tokens split into ``stages`` stages, from shapes, each sharded
+    over ``stage_mesh`` (the mesh one stage runs on) by ``shardings``; the
+    interior stages share one object (estimated once)."""
+    import mtia_jax  # the package's public API, loaded on use
+
+    pspecs, _, _ = shardings(cfg, stage_mesh, microbatch, rules)
+    full = param_shapes(cfg)
+    lengths = jax.ShapeDtypeStruct((microbatch,), jnp.int32)
+    made: dict = {}
+    for s in range(stages):
+        ends = (s == 0, s == stages - 1)
+        if ends not in made:
+            params = stage_params(cfg, full, s, stages)
+            x = (jax.ShapeDtypeStruct((microbatch, seq), jnp.int32) if ends[0] else
+                 jax.ShapeDtypeStruct((microbatch, seq, cfg.d_model), cfg.param_dtype))
+            made[ends] = mtia_jax.PipelineStage(
+                functools.partial(prefill_stage, cfg, first=ends[0], last=ends[1]), params, x, lengths,
+                in_shardings=({k: pspecs[k] for k in params}, P(), P()))
+    return [made[(s == 0, s == stages - 1)] for s in range(stages)]
+
+
 def prefill_stage(cfg: Config, params: dict, x, lengths, *, first: bool, last: bool):
     """Pipeline stage of a prefill: ``params`` from ``stage_params``; ``x`` the
     token ids (B, T) on the first stage, else the hidden states (B, T, D)

@@ -30,18 +30,17 @@ programs here are forward passes (inference: prefill), where the two
 schedules issue the same forwards in the same order and differ in nothing
 modeled; they differ only when backwards interleave (activation memory).
 
-Every time is modeled. The numerics of a pipelined program are those of its
-stages applied in order (``models.transformer.prefill_stage``); a
-multi-host run executes them with JAX's own SPMD (``jax.distributed``).
+Every time is modeled. A pipeline is modeled, not run: its numerics are
+those of its stages applied in order, each an ordinary program
+(``mtia_jax.jit``; ``models.transformer.prefill_stage`` composes to
+``forward``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -115,14 +114,6 @@ class PipelineReport:
     @property
     def bubble_fraction(self) -> float:
         return self.bubble_s / self.time_s
-
-    @property
-    def send_s(self) -> tuple[float, ...]:
-        return tuple(ph.time_s for ph in self.sends)
-
-    @property
-    def crosses_scale_out(self) -> bool:
-        return any(ph.fabric == "scale-out" for ph in self.sends)
 
     def _per_stage_scale_out(self, field: str, send_field: str) -> float:
         """Per device of the busiest stage over one step: sends across domains

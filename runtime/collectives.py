@@ -25,7 +25,7 @@ import dataclasses
 import numpy as np
 
 from lowering.ir import Op
-from lowering.network import REDUCING, describe, plan
+from lowering.network import REDUCING, describe, elapsed, plan
 
 KEEPS_OWN_SHARE = frozenset({"all_gather", "all_to_all"})
 
@@ -52,7 +52,7 @@ def collective_cost(op: Op, chip) -> CollectiveCost:
     # a gather or an exchange also copies the device's own share into its result
     own = sum(ph.nbytes / ph.group for ph in phases if ph.kind in KEEPS_OWN_SHARE)
     hbm = 2 * sent + reduced * (1 if near_memory else 3) + 2 * own
-    time = sum(ph.time_s for ph in phases)
+    time = elapsed(phases)
     if reduced and not near_memory:
         dtype = op.operands[0].type.dtype
         itemsize = op.operands[0].type.nbytes / max(op.operands[0].type.size, 1)

@@ -82,17 +82,8 @@ def test_stage_params_hold_each_layer_once_and_the_ends_on_the_end_stages():
 # ------------------------------------------------------------ estimates
 
 def _tiny_stages(cfg, mesh_model: int, count: int, microbatch: int, seq: int):
-    sub = mtia_jax.make_mesh((mesh_model,), ("model",), chip="mtia450")
-    pspecs, _, _ = tf.shardings(cfg, sub, microbatch)
-    full = tf.param_shapes(cfg)
-    stages = []
-    for s in range(count):
-        params = tf.stage_params(cfg, full, s, count)
-        x = S((microbatch, seq), jnp.int32) if s == 0 else S((microbatch, seq, cfg.d_model), cfg.param_dtype)
-        stages.append(mtia_jax.PipelineStage(
-            functools.partial(tf.prefill_stage, cfg, first=s == 0, last=s == count - 1),
-            params, x, S((microbatch,), jnp.int32), in_shardings=({k: pspecs[k] for k in params}, P(), P())))
-    return stages
+    return tf.pipeline_stages(cfg, count, microbatch, seq,
+                              mtia_jax.make_mesh((mesh_model,), ("model",), chip="mtia450"))
 
 
 def test_sends_between_racks_use_the_scale_out_network_and_the_rest_scale_up():

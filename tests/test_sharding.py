@@ -248,3 +248,33 @@ def test_llama3_405b_decode_step_on_72_chips_is_estimated_from_shapes(shapes_onl
     (scan,) = [op for op in report.module.ops if op.kind == "scan"]
     reduces = [op for op in scan.regions["body"].ops if op.kind == "all_reduce"]
     assert len(reduces) == 2 and all(op.attrs["axes"] == ("model",) for op in reduces)
+
+
+def test_more_devices_than_kv_heads_split_heads_over_two_axes_and_equal_jax_jit():
+    """4 query heads and 2 KV heads over 4 devices: queries, FFN and vocabulary
+    split over ("model", "rep"), each KV head on the two "rep" devices whose
+    queries read it. The head split survives the reshapes to (kv, group) and
+    back, so each layer needs exactly Megatron's two all-reduces and the
+    cache is not gathered."""
+    import functools
+
+    from lowering.collectives import COLLECTIVE_KINDS
+
+    config = programs.LLAMA_CONFIGS["tiny"]
+    mesh = programs.llama_mesh(config, 1, 4, chip="mtia450")
+    assert dict(zip(mesh.axis_names, mesh.axis_sizes)) == {"data": 1, "model": 2, "rep": 2}
+    structs = programs.llama_shapes(config, batch=2, cache_len=8, dtype=jnp.float32)
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 64))
+    params, ck, cv, tokens, _ = jax.tree.map(
+        lambda s: (jax.random.randint(next(keys), s.shape, 0, config["vocab"]) if s.dtype == jnp.int32
+                   else 0.3 * jax.random.normal(next(keys), s.shape, s.dtype)), structs)
+    position = jnp.int32(3)
+    fn = functools.partial(programs.llama_decode_step, heads=config["heads"], kv_heads=config["kv_heads"])
+    f = mtia_jax.jit(fn, chip="mtia450", mesh=mesh, in_shardings=programs.llama_shardings(config, 4))
+    want = jax.jit(fn)(params, ck, cv, tokens, position)
+    for got, ref in zip(f(params, ck, cv, tokens, position), want):
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
+    module = f.lower(params, ck, cv, tokens, position).compile().module
+    (scan,) = [op for op in module.ops if op.kind == "scan"]
+    body = [op for op in scan.regions["body"].ops if op.kind in COLLECTIVE_KINDS]
+    assert [(op.kind, op.attrs["axes"]) for op in body] == [("all_reduce", ("model", "rep"))] * 2

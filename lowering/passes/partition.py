@@ -215,27 +215,77 @@ def _transpose_rule(p: Partitioner, op: Op) -> None:
     p.same_op(op, [p.to_spec(x, spec, keep_partial=True)], [out], p.partial.get(x, frozenset()))
 
 
+def _axes_tuple(a) -> tuple:
+    return a if isinstance(a, tuple) else (a,)
+
+
+def _as_entry(axes: tuple):
+    return axes[0] if len(axes) == 1 else axes
+
+
 def _reshape_rule(p: Partitioner, op: Op) -> None:
+    """A split dim keeps its split on the output dims it becomes: the dim
+    starting at the same element offset; a dim split over several axes
+    (major first) over several output dims, each but the last split whole
+    (heads over ("model", "rep") reshaped to (kv_heads, group), "model" on
+    kv_heads and "rep" on group); and a dim following one split whole joins
+    its output dim's split (the reverse merge). Otherwise it is gathered."""
     (x,) = op.operands
     src, dst = x.type.shape, op.results[0].type.shape
     spec = list(p.spec[x])
     out = [None] * len(dst)
+    whole = {}  # output dim -> source dim ending there split whole (one index per device)
     for d, a in enumerate(spec):
         if a is None:
             continue
         prefix = math.prod(src[:d])
         # the output dim starting at the same element offset (size-1 dims skipped)
         j = next((j for j in range(len(dst)) if math.prod(dst[:j]) == prefix and dst[j] != 1), None)
-        ok = (j is not None and j < len(dst) and dst[j] % p.mesh[a] == 0
-              and (dst[j] % src[d] == 0 or src[d] % dst[j] == 0) and out[j] is None)
-        if ok:
-            out[j] = a
-        else:
+        placed = _place_split(p, _axes_tuple(a), src[d], dst, j, out) if j is not None else None
+        if placed is None:
+            placed = _merge_split(p, _axes_tuple(a), src, d, dst, out, whole)
+        if placed is None:
             spec[d] = None
+            continue
+        for k, axes in placed.items():
+            out[k] = _as_entry(axes)
+        last = max(placed)
+        if p.mesh[tuple(a for axes in placed.values() for a in axes)] == src[d]:
+            whole[last] = d
     lx = p.to_spec(x, tuple(spec), keep_partial=True)
     local = p.local_type(op.results[0].type, out).shape
     params = {**op.params, "new_sizes": local} if "new_sizes" in op.params else op.params
     p.same_op(op, [lx], [tuple(out)], p.partial.get(x, frozenset()), params)
+
+
+def _place_split(p: Partitioner, axes: tuple, size: int, dst, j: int, out) -> dict | None:
+    """Output dim -> axes for a source dim of ``size`` split over ``axes`` that
+    starts at output dim ``j``; None when the split does not carry over."""
+    if out[j] is None and dst[j] % p.mesh[axes] == 0 and (dst[j] % size == 0 or size % dst[j] == 0):
+        return {j: axes}
+    placed, taken, k = {}, (), j
+    for axis in axes:  # whole groups of major axes on the leading output dims
+        taken += (axis,)
+        if k < len(dst) and p.mesh[taken] == dst[k] and len(taken) < len(axes) - len(sum(placed.values(), ())):
+            placed[k], taken, k = taken, (), k + 1
+    if not placed or not taken or k >= len(dst) or dst[k] % p.mesh[taken] != 0:
+        return None
+    placed[k] = taken
+    if any(out[i] is not None for i in placed) or size % math.prod(dst[j:k + 1]) != 0:
+        return None
+    return placed
+
+
+def _merge_split(p: Partitioner, axes: tuple, src, d: int, dst, out, whole: dict) -> dict | None:
+    """A source dim ``d`` right after one split whole into output dim ``j``
+    (both inside ``j``) adds its axes to ``j``'s split."""
+    j = next((j for j, prev in whole.items() if prev == d - 1), None)
+    if j is None or math.prod(src[:d + 1]) > math.prod(dst[:j + 1]):
+        return None
+    if dst[j] % p.mesh[(*_axes_tuple(out[j]), *axes)] != 0:
+        return None
+    del whole[j]
+    return {j: (*_axes_tuple(out[j]), *axes)}
 
 
 def _squeeze_rule(p: Partitioner, op: Op) -> None:

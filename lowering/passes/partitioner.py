@@ -110,6 +110,8 @@ class Partitioner:
     def collective(self, kind: str, x: Value, shape: tuple, **attrs) -> Value:
         axes = attrs.get("axes") or (attrs["axis"],)
         attrs["group"] = math.prod(self.mesh[a] for a in axes)
+        if attrs["group"] == 1:  # over axes of size 1: the value as it is
+            return x
         return self.emit(kind, [x], [TensorType(tuple(shape), x.type.dtype)], attrs)[0]
 
     def fits(self, size: int, axis) -> bool:
