@@ -618,6 +618,12 @@ _CACHE_AXES = {"k": ("layers", "batch", "seq", "kv_heads", "head_dim"),
 # replicated table keeps the tokens' batch split).
 SHARDING_RULES = {"batch": "data", "heads": "model", "kv_heads": "model", "ffn": "model",
                   "experts": "model", "expert_ffn": "model", "vocab": "model"}
+# More tensor-parallel devices than KV heads (``tensor_parallel_mesh``): query
+# heads, FFN width and vocabulary over ("model", "rep"), each KV head on the
+# "rep" devices whose query heads read it (as vLLM replicates KV heads), and
+# each expert's FFN width over "rep".
+GROUPED_KV_RULES = {**SHARDING_RULES, "heads": ("model", "rep"), "ffn": ("model", "rep"),
+                    "vocab": ("model", "rep"), "expert_ffn": "rep"}
 
 
 def logical_axes(cfg: Config) -> tuple[dict, dict]:
@@ -635,25 +641,41 @@ def _extent(cfg: Config, axis: str, batch: int) -> int | None:
             "experts": cfg.experts, "expert_ffn": cfg.ffn, "vocab": cfg.vocab}.get(axis)
 
 
+def tensor_parallel_mesh(cfg: Config, data: int, model: int, chip=None):
+    """A ("data", "model") mesh for ``model``-way tensor parallelism; with more
+    devices than KV heads (in whole groups), ("data", "model", "rep"): "model"
+    the KV heads, "rep" the devices sharing each (``GROUPED_KV_RULES``)."""
+    import mtia_jax  # the package's public API, loaded on use
+
+    if model > cfg.kv_heads and model % cfg.kv_heads == 0:
+        return mtia_jax.make_mesh((data, cfg.kv_heads, model // cfg.kv_heads), ("data", "model", "rep"),
+                                  chip=chip)
+    return mtia_jax.make_mesh((data, model), ("data", "model"), chip=chip)
+
+
 def shardings(cfg: Config, mesh, batch: int, rules: dict | None = None) -> tuple[dict, dict, P]:
     """PartitionSpecs of (params, cache, tokens) on ``mesh`` (a ``make_mesh`` mesh).
 
-    Each logical axis maps to its mesh axis by ``rules`` (default
-    ``SHARDING_RULES``); it stays replicated when the mesh has no such axis,
+    Each logical axis maps to its mesh axis (or tuple of axes) by ``rules``
+    (default ``GROUPED_KV_RULES`` on a mesh with a "rep" axis, else
+    ``SHARDING_RULES``); it stays replicated when the mesh lacks the axis,
     the axis has size 1, or its size does not divide the logical extent
-    (e.g. 8 KV heads over a 16-way "model" axis)."""
-    rules = SHARDING_RULES if rules is None else rules
+    (e.g. 8 KV heads over a 16-way "model" axis: use ``tensor_parallel_mesh``)."""
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    if rules is None:
+        rules = GROUPED_KV_RULES if "rep" in sizes else SHARDING_RULES
 
     def spec(axes):
         used, out = set(), []
         for axis in axes:
-            mesh_axis = rules.get(axis)
+            mesh_axes = rules.get(axis)
+            names = mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,)
             extent = _extent(cfg, axis, batch)
-            ok = (mesh_axis in sizes and sizes[mesh_axis] > 1 and mesh_axis not in used
-                  and extent is not None and extent % sizes[mesh_axis] == 0)
-            out.append(mesh_axis if ok else None)
-            used.add(mesh_axis if ok else None)
+            size = math.prod(sizes.get(a, 0) for a in names)
+            ok = (all(a in sizes for a in names) and size > 1 and not used & set(names)
+                  and extent is not None and extent % size == 0)
+            out.append(mesh_axes if ok else None)
+            used.update(names if ok else ())
         return P(*out)
 
     param_axes, cache_axes = logical_axes(cfg)

@@ -237,31 +237,56 @@ def test_moe_model_under_mtia_jit_equals_jax_jit_and_routes_like_mixtral():
 
 # ------------------------------------------------------------ sharding
 
+def _sharded_decode_step_equals_unsharded(tiny, mesh, in_shardings) -> list:
+    """A decode step of TINY after a 2-sequence prefill, sharded on ``mesh``,
+    against jax.jit; returns the ops of the compiled layer scan's body."""
+    params = tiny.params()
+    tokens, lengths = _tokens((2, 6)), jnp.array([6, 2], jnp.int32)
+    _, cache = _jit(tf.prefill, TINY)(params, tokens, lengths, tf.init_cache(TINY, 2, 8))
+    dec = functools.partial(tf.decode, TINY)
+    nxt = jnp.array([1, 2], jnp.int32)
+    sharded = mtia_jax.jit(dec, in_shardings=in_shardings, mesh=mesh)
+    got, got_cache = sharded(params, nxt, cache)
+    want, want_cache = jax.jit(dec)(params, nxt, cache)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_cache["k"], want_cache["k"], rtol=1e-5, atol=1e-5)
+    compiled = sharded.lower(params, nxt, cache).compile()
+    (scan,) = [op for op in compiled.module.ops if op.kind == "scan"]
+    return scan.regions["body"].ops
+
+
 def test_tiny_model_sharded_on_a_2x4_mesh_equals_unsharded(tiny):
     mesh = mtia_jax.make_mesh((2, 4), ("data", "model"))
     pspecs, cspecs, tspec = tf.shardings(TINY, mesh, batch=2)
     assert pspecs["layers"]["wq"] == tf.P(None, None, "model")
     assert pspecs["layers"]["wo"] == tf.P(None, "model", None)
     assert cspecs["k"] == tf.P(None, "data", None, "model", None)
-    params = tiny.params()
-    tokens, lengths = _tokens((2, 6)), jnp.array([6, 2], jnp.int32)
-    _, cache = _jit(tf.prefill, TINY)(params, tokens, lengths, tf.init_cache(TINY, 2, 8))
-    dec = functools.partial(tf.decode, TINY)
-    nxt = jnp.array([1, 2], jnp.int32)
-    sharded = mtia_jax.jit(dec, in_shardings=(pspecs, tspec, cspecs), mesh=mesh)
-    got, got_cache = sharded(params, nxt, cache)
-    want, want_cache = jax.jit(dec)(params, nxt, cache)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got_cache["k"], want_cache["k"], rtol=1e-5, atol=1e-5)
+    body = _sharded_decode_step_equals_unsharded(tiny, mesh, (pspecs, tspec, cspecs))
     # Megatron: attention runs on each device's heads, one all-reduce after each
     # of the attention output and MLP down projections
-    compiled = sharded.lower(params, nxt, cache).compile()
-    (scan,) = [op for op in compiled.module.ops if op.kind == "scan"]
-    body = scan.regions["body"].ops
     (attn,) = [inner(op, "flash_attention") for op in ops_with(body, "flash_attention")]
     assert attn.operands[0].type.shape[2] == TINY.heads // 4
     reduces = [op for op in body if op.kind == "all_reduce"]
     assert len(reduces) == 2 and all(op.attrs["axes"] == ("model",) for op in reduces)
+
+
+def test_more_devices_than_kv_heads_share_each_kv_head_and_equal_unsharded(tiny):
+    """8-way tensor parallel over TINY's 4 KV heads: tensor_parallel_mesh makes
+    ("data", "model", "rep") = (1, 4, 2); queries over ("model", "rep"), each
+    KV head (and its cache) on the 2 devices whose query heads read it."""
+    mesh = tf.tensor_parallel_mesh(TINY, 1, 8)
+    assert dict(zip(mesh.axis_names, mesh.axis_sizes)) == {"data": 1, "model": 4, "rep": 2}
+    pspecs, cspecs, tspec = tf.shardings(TINY, mesh, batch=2)
+    assert pspecs["layers"]["wq"] == tf.P(None, None, ("model", "rep"))
+    assert pspecs["layers"]["wk"] == tf.P(None, None, "model")
+    assert cspecs["k"] == tf.P(None, None, None, "model", None)
+    body = _sharded_decode_step_equals_unsharded(tiny, mesh, (pspecs, tspec, cspecs))
+    # attention on one query head and its one KV head per device; two all-reduces per layer
+    (attn,) = [inner(op, "flash_attention") for op in ops_with(body, "flash_attention")]
+    assert (attn.operands[0].type.shape[2], attn.operands[1].type.shape[2]) == (TINY.heads // 8, 1)
+    reduces = [op for op in body if op.kind == "all_reduce"]
+    assert len(reduces) == 2 and all(op.attrs["axes"] == ("model", "rep") for op in reduces)
+    assert not [op for op in body if op.kind == "all_gather"]
 
 
 def test_shardings_replicate_axes_the_mesh_does_not_divide():

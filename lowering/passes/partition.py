@@ -364,8 +364,9 @@ def _flash_attention_rule(p: Partitioner, op: Op) -> None:
     for v in op.operands:
         p.resolve(v)
     b, _, n, _ = p.spec[q]
-    if n is not None and (k.type.shape[2] % p.mesh[n] or q.type.shape[2] % p.mesh[n]):
-        n = None
+    n_kv = n if n is None or k.type.shape[2] % p.mesh[n] == 0 else _kv_heads_split(p, n, k.type.shape[2])
+    if n is not None and (n_kv is None or q.type.shape[2] % p.mesh[n]):
+        n = n_kv = None
     if b is not None and any(v.type.shape[0] % p.mesh[b] for v in op.operands[:3]):
         b = None
     roles = ("query", "key", "value") + tuple(op.params.get("optional_operands", ()))
@@ -373,7 +374,7 @@ def _flash_attention_rule(p: Partitioner, op: Op) -> None:
     for role, v in zip(roles, op.operands):
         shape = v.type.shape
         if role in ("query", "key", "value"):
-            spec = (b, None, n, None)
+            spec = (b, None, n if role == "query" else n_kv, None)
         elif role in ("bias", "mask"):
             spec = (b if shape[0] == q.type.shape[0] else None,
                     n if shape[1] == q.type.shape[2] else None) + (None,) * (len(shape) - 2)
@@ -381,6 +382,17 @@ def _flash_attention_rule(p: Partitioner, op: Op) -> None:
             spec = (b,)
         operands.append(p.to_spec(v, spec))
     p.same_op(op, operands, [(b, None, n, None)])
+
+
+def _kv_heads_split(p: Partitioner, n, kv_heads: int):
+    """Query heads split over several axes, K/V heads fewer than the devices:
+    the major axes that give each device exactly one K/V head (the one its
+    query heads read, GQA), or None."""
+    axes = _axes_tuple(n)
+    for j in range(1, len(axes)):
+        if p.mesh[axes[:j]] == kv_heads:
+            return _as_entry(axes[:j])
+    return None
 
 
 def _norm_rule(p: Partitioner, op: Op) -> None:
