@@ -22,6 +22,7 @@ _LAZY = {
     "devices": ("runtime.device", "devices"),
     "Device": ("runtime.device", "Device"),
     "profiler": ("mtia_jax.profiler", None),
+    "pallas": ("mtia_jax.pallas", None),
     "estimate": ("mtia_jax.estimate", "estimate"),
     "make_mesh": ("mtia_jax.mesh", "make_mesh"),
     "Report": ("mtia_jax.estimate", "Report"),

@@ -49,3 +49,22 @@ class HBMCapacityError(MemoryError):
             f"{chip} has {capacity_bytes / 2**30:.3f} GiB. The largest buffers live at that point:\n{rows}\n"
             f"Shrink the batch or model, use MX weights, or shard over a mesh."
         )
+
+
+class PallasBlockError(ValueError):
+    """A Pallas kernel's blocks, double-buffered, do not fit the on-chip
+    memory one processing element has."""
+
+    def __init__(self, kernel: str, chip: str, need_bytes: int, capacity_bytes: int,
+                 blocks: Sequence[tuple[str, tuple, int]], source: Any = None):
+        self.kernel = kernel
+        self.need_bytes = need_bytes
+        self.capacity_bytes = capacity_bytes
+        rows = "\n".join(f"  {name}: block {tuple(shape)}, {nbytes / 2**10:.1f} KiB"
+                         for name, shape, nbytes in blocks)
+        super().__init__(
+            f"mtia_jax.jit: the Pallas kernel '{kernel}'{_where(source)} needs "
+            f"{need_bytes / 2**10:.1f} KiB of on-chip memory per processing element (every "
+            f"BlockSpec's block twice, for double buffering, plus scratch) but {chip} has "
+            f"{capacity_bytes / 2**10:.1f} KiB per processing element (its local memory and its "
+            f"share of the SRAM). The blocks:\n{rows}\nUse smaller block shapes in the BlockSpecs.")
