@@ -21,7 +21,7 @@ from mtia_jax.errors import MTIAHostFallbackWarning, UnsupportedOperationError
 from lowering.ir import Module, Op, SourceLoc, TensorType, Value, is_extended
 from lowering.op_kinds import (GENERIC_PRIMITIVES, HOST_CALLBACKS, HOST_DTYPE_REASONS,
                                HOST_PRIMITIVES, KIND_CATEGORY, NO_KERNEL)
-from lowering import collectives, regions
+from lowering import collectives, pallas, regions
 
 # ------------------------------------------------------------- primitives
 # Generic ops (``lowering.op_kinds.GENERIC_PRIMITIVES``): one op per
@@ -208,7 +208,12 @@ IMPORT_RULES: dict[str, Rule] = {
     "composite": _body_rule("jaxpr"),
     "custom_vmap_call": _body_rule("call"),
     **collectives.IMPORT_RULES,
+    **pallas.IMPORT_RULES,
 }
+
+# Primitives with no rule whose error can say more than "no lowering":
+# name -> (builder, eqn) -> the error to raise.
+UNSUPPORTED_EXPLAINED = {**pallas.UNSUPPORTED}
 
 
 # ---------------------------------------------------------------- builder
@@ -260,6 +265,9 @@ class Builder:
             self.current_source = source_of(eqn) or outer_source
             rule = IMPORT_RULES.get(eqn.primitive.name)
             if rule is None:
+                explain = UNSUPPORTED_EXPLAINED.get(eqn.primitive.name)
+                if explain is not None:
+                    raise explain(self, eqn)
                 raise UnsupportedOperationError(eqn.primitive.name, self.current_source)
             results = rule(self, eqn, [read(v) for v in eqn.invars])
             for var, value in zip(eqn.outvars, results, strict=True):

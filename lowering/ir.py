@@ -195,12 +195,19 @@ def _module_lines(module: Module, names: dict[Value, str], indent: str) -> list[
     return lines
 
 
+# op kinds whose ``params`` are not printed: they hold whole jaxprs (a Pallas
+# kernel's body and index maps); the op's own attrs say what matters
+UNPRINTED_PARAMS = frozenset({"pallas_call"})
+
+
 def _format_attrs(op: Op) -> str:
     items = []
     for key, val in op.attrs.items():
         if key == "primitive":
             continue
         if key == "params":
+            if op.kind in UNPRINTED_PARAMS:
+                continue
             items.extend(f"{k}={_format_value(v)}" for k, v in val.items() if v is not None)
         else:
             items.append(f"{key}={_format_value(val)}")

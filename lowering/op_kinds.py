@@ -83,6 +83,9 @@ _GROUPS = {
         "embedding_bag",
         # moe_ffn split over the experts (expert parallelism): its per-device kernels
         "moe_dispatch", "moe_experts", "moe_combine",
+        # a user's Pallas kernel (``lowering.pallas``): one opaque kernel, costed
+        # from its grid and BlockSpecs; no pass fuses into it or changes its dtypes
+        "pallas_call",
     ),
     "host": ("host_fallback",),
 }
@@ -90,7 +93,8 @@ _GROUPS = {
 KIND_CATEGORY: dict[str, str] = {kind: group for group, kinds in _GROUPS.items() for kind in kinds}
 
 # kinds that are not JAX primitives: created by the importer itself
-_NON_PRIMITIVE_KINDS = frozenset({"constant", "host_fallback", "all_reduce", "permute", "shard_slice"})
+_NON_PRIMITIVE_KINDS = frozenset({"constant", "host_fallback", "all_reduce", "permute", "shard_slice",
+                                  "pallas_call"})  # pallas_call: its own import rule
 
 # kinds that are JAX primitives imported one-to-one as generic ops
 GENERIC_PRIMITIVES: frozenset[str] = frozenset(KIND_CATEGORY) - _NON_PRIMITIVE_KINDS

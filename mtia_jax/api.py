@@ -24,6 +24,7 @@ import jax
 from jax import tree_util
 from jax._src import api_util  # the debug info jax.jit gives tracing errors
 
+from lowering import pallas
 from lowering.from_jaxpr import import_closed_jaxpr
 from lowering.ir import Module
 from lowering.pipeline import PassContext, run_passes
@@ -465,7 +466,13 @@ class JitFunction:
             "mtia_jax.jit", self._fun, call_args, call_kwargs,
             static_argnums=tuple(self._signature.static_argnums),
             static_argnames=tuple(self._signature.static_argnames)))
-        closed = jax.make_jaxpr(flat_fun)(*structs)
+        try:
+            closed = jax.make_jaxpr(flat_fun)(*structs)
+        except Exception as error:
+            clear = pallas.autodiff_error(error)  # differentiating a Pallas kernel
+            if clear is not None:
+                raise clear from error
+            raise
         fun = self._fun
         while isinstance(fun, functools.partial):
             fun = fun.func

@@ -10,16 +10,22 @@ def _where(source: Any) -> str:
 
 
 class UnsupportedOperationError(NotImplementedError):
-    """A JAX primitive with no MTIA lowering rule."""
+    """A JAX primitive with no MTIA lowering rule, or (with ``advice``) a
+    feature of a supported primitive that is not supported (``primitive``
+    then names it, e.g. "pallas_call with scalar prefetch")."""
 
-    def __init__(self, primitive: str, source: Any = None):
+    def __init__(self, primitive: str, source: Any = None, advice: str | None = None):
         self.primitive = primitive
         self.source = source
-        super().__init__(
-            f"mtia_jax.jit: the JAX primitive '{primitive}'{_where(source)} has no MTIA "
-            f"lowering yet. Rewrite that line with supported operations, run it outside "
-            f"mtia_jax.jit, or see lowering.from_jaxpr.supported_primitives() for the list."
-        )
+        self.advice = advice
+        if advice is None:
+            message = (
+                f"mtia_jax.jit: the JAX primitive '{primitive}'{_where(source)} has no MTIA "
+                f"lowering yet. Rewrite that line with supported operations, run it outside "
+                f"mtia_jax.jit, or see lowering.from_jaxpr.supported_primitives() for the list.")
+        else:
+            message = f"mtia_jax.jit: {primitive}{_where(source)} is not supported. To fix it, {advice}."
+        super().__init__(message)
 
 
 class MTIAHostFallbackWarning(UserWarning):

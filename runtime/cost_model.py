@@ -50,6 +50,7 @@ from lowering.op_kinds import KIND_CATEGORY, NO_KERNEL
 from lowering.regions import REGION_KINDS
 from lowering.kernels import is_scalar, is_view
 from mtia_jax.chips import ChipSpec
+from runtime import pallas_cost
 from runtime.collectives import collective_cost
 from runtime.op_work import kernel_reads_writes, work_of
 from runtime.work import ACCESS_GRANULE_BYTES
@@ -225,6 +226,8 @@ def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
                           compute_s=0.0, hbm_s=c.hbm_bytes / (chip.hbm_bandwidth * chip.hbm_efficiency),
                           transfer_s=c.time_s, collective_bytes=c.sent_bytes, algorithm=c.algorithm,
                           scale_out_s=c.scale_out_s, scale_out_bytes=c.scale_out_bytes)
+    if op.kind == "pallas_call":  # a user's kernel: timed from its grid and blocks
+        return KernelCost(**{**common, **pallas_cost.times(op, chip)})
     if host:
         # No MTIA kernel: operands go to the host over the host link and the
         # results come back, one latency each way. Host compute time is not

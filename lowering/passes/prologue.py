@@ -17,7 +17,8 @@ A producer qualifies when
   elementwise kernel, or a norm (``rms_norm``, ``layer_norm``: a row
   reduction the consumer does on the rows it loads);
 - every reader of its results is a kernel that takes prologues (any kernel
-  but a region op, a collective, a host fallback or a view), at most
+  but a region op, a collective, a host fallback, a view or a user's Pallas
+  kernel, whose operands are the blocks it was written for), at most
   ``MAX_CONSUMERS`` of them, and none is a program output;
 - recomputing does not move more bytes: ``n`` consumers reading the
   producer's inputs cost no more than writing its results once and reading
@@ -45,6 +46,8 @@ PRODUCER_CATEGORIES = frozenset({"elementwise", "transcendental", "data_movement
 PRODUCER_KINDS = frozenset({"rms_norm", "layer_norm"})
 # kernels that take no prologue: they run elsewhere than the PE grid, or are not kernels
 NO_PROLOGUE_CATEGORIES = frozenset({"collective", "host", "view", "constant"})
+# kernels written by the user (a Pallas kernel: its blocks are its operands, as written)
+NO_PROLOGUE_KINDS = frozenset({"pallas_call"})
 
 
 def _is_producer(op: Op) -> bool:
@@ -56,7 +59,7 @@ def _is_producer(op: Op) -> bool:
 
 
 def _takes_prologue(op: Op) -> bool:
-    if op.kind in REGION_KINDS or is_view(op) or is_scalar(op):
+    if op.kind in REGION_KINDS or op.kind in NO_PROLOGUE_KINDS or is_view(op) or is_scalar(op):
         return False
     return op.kind == "fused_kernel" or KIND_CATEGORY.get(op.kind) not in NO_PROLOGUE_CATEGORIES
 

@@ -4,6 +4,7 @@ each with a ``RULES`` table ``op kind -> rule(op) -> OpWork``."""
 
 from __future__ import annotations
 
-from runtime.accelerated import attention, embedding, moe, mx_matmul, norms
+from runtime.accelerated import attention, embedding, moe, mx_matmul, norms, pallas
 
-RULES = {**mx_matmul.RULES, **attention.RULES, **norms.RULES, **moe.RULES, **embedding.RULES}
+RULES = {**mx_matmul.RULES, **attention.RULES, **norms.RULES, **moe.RULES, **embedding.RULES,
+         **pallas.RULES}
