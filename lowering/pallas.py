@@ -12,22 +12,37 @@ Numerics: the op is a generic op (``attrs["primitive"]`` is JAX's
 bit for bit what ``jax.jit`` of the same function with ``interpret=True``
 computes.
 
-Attributes (the contract with the cost model, ``runtime.accelerated``):
+Attributes (the contract with the cost model, ``runtime.accelerated.pallas``):
 
-| attr                  | type                               | meaning |
-|-----------------------|------------------------------------|---------|
-| primitive             | JAX primitive                      | ``pallas_call`` (not printed) |
-| params                | dict                               | the primitive's params, ``interpret=True`` (not printed): ``params["jaxpr"]`` is the kernel body, ``params["grid_mapping"].block_mappings[i].index_map_jaxpr`` the index map of operand i (then of each result) |
-| name                  | str                                | the kernel's name (``name=`` or its function's) |
-| grid                  | tuple[int, ...]                    | the grid, a dimension per ``pl.program_id`` axis (``()``: one step) |
-| blocks                | tuple[tuple[int or None, ...], ...] | per operand: its block shape, None for a squeezed dim (``None`` / ``pl.Squeezed()`` in the BlockSpec) |
-| out_blocks            | tuple[tuple[int or None, ...], ...] | per result: its block shape |
-| dimension_semantics   | tuple[str, ...] (optional)         | per grid dim: "parallel", "arbitrary", ... from ``compiler_params``; dims added by ``jax.vmap`` are "parallel". Absent when the kernel gives none |
-| element_dims          | tuple[tuple[int, ...], ...] (optional) | per operand, then per result: its ``pl.Element`` dims (the index map gives an element offset there, not a block index); present when there are any |
-| memory_spaces         | tuple[str, ...] (optional)         | per operand, then per result: its BlockSpec's memory space ("default", "any", "smem", ...); present when one is not "default" (a "any" operand is not blocked: the kernel gets the whole array) |
-| scratch               | tuple[str, ...] (optional)         | the scratch buffers' types (``scratch_shapes``), e.g. "f32[8,128]" |
-| aliases               | tuple[tuple[int, int], ...] (optional) | ``input_output_aliases``: (operand, result) pairs sharing a buffer |
-| effects               | True (optional)                    | the kernel has side effects (``pl.debug_print``): never merged nor dropped |
+- ``primitive`` (JAX primitive; not printed): ``pallas_call``.
+- ``params`` (dict; not printed): the primitive's params with
+  ``interpret=True``. ``params["jaxpr"]`` is the kernel body,
+  ``params["grid_mapping"]`` its grid and ``block_mappings`` (operands, then
+  results; ``index_map_jaxpr`` the index map of each).
+- ``name`` (str): the kernel's name, ``name=`` or its function's.
+- ``grid`` (tuple[int, ...]): a dimension per ``pl.program_id`` axis; ``()``
+  is one step.
+- ``blocks`` (tuple[tuple[int | None, ...], ...]): per operand, its block
+  shape: block sizes, None for a squeezed dim (``None`` / ``pl.Squeezed()``).
+- ``out_blocks`` (same type): per result.
+- ``dimension_semantics`` (tuple[str, ...], optional): per grid dim,
+  "parallel", "arbitrary", ... from ``compiler_params``
+  (``pltpu.CompilerParams``, ``mtia_jax.pallas.CompilerParams``; any object
+  with a ``dimension_semantics``); dims added by ``jax.vmap`` are
+  "parallel". Absent when the kernel gives none and was not vmapped.
+- ``element_dims`` (tuple[tuple[int, ...], ...], optional): per operand, then
+  per result, its ``pl.Element`` dims (there the index map gives an element
+  offset, not a block index); present when there are any.
+- ``memory_spaces`` (tuple[str, ...], optional): per operand, then per
+  result, its BlockSpec's memory space ("default", "any", "smem", ...);
+  present when one is not "default" (an "any" operand is not blocked: the
+  kernel gets the whole array).
+- ``scratch`` (tuple[str, ...], optional): the scratch buffers' types
+  (``scratch_shapes``), e.g. "f32[8,128]".
+- ``aliases`` (tuple[tuple[int, int], ...], optional):
+  ``input_output_aliases`` as (operand, result) pairs sharing a buffer.
+- ``effects`` (True, optional): the body has side effects
+  (``pl.debug_print``): never merged nor dropped, as under ``jax.jit``.
 
 Features outside the portable subset raise ``UnsupportedOperationError``
 naming the feature, the user's line and what to do instead

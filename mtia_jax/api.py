@@ -39,6 +39,7 @@ from runtime import trace
 from runtime.device import device_for
 from runtime.executor import EXECUTORS, EagerExecutor
 from runtime.gc_pause import without_gc_pauses
+from runtime.pallas_cost import check_block_sets
 from runtime.memory import MemoryPlan, plan_memory
 
 # ------------------------------------------------------------ arguments
@@ -190,6 +191,7 @@ class Lowered:
                           scale_out_axes=self.scale_out_axes,
                           in_specs=self.in_specs, out_specs=self.out_specs, donated=self.donated)
         module = run_passes(self.module, ctx)
+        check_block_sets(module, self.chip)  # Pallas kernels' blocks fit on chip
         return module, plan_memory(module, self.donated)
 
     @without_gc_pauses

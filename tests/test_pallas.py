@@ -366,7 +366,9 @@ def test_grad_of_a_kernel_is_a_clear_error():
         def kernel(x_ref, o_ref):
             o_ref[...] = jnp.sin(x_ref[...])
         spec = pl.BlockSpec((8, 128), lambda i: (i, 0))
-        return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(4,), in_specs=[spec], out_specs=spec)(x)  # line: grad
+        return pl.pallas_call(  # line: grad
+            kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(4,), in_specs=[spec],
+            out_specs=spec)(x)
 
     with pytest.raises(UnsupportedOperationError, match="reverse-mode autodiff") as info:
         mtia_jax.jit(jax.grad(lambda x: no_program_id(x).sum()))(x)
@@ -402,23 +404,28 @@ def _prefetch(x, idx):
     def kernel(idx_ref, x_ref, o_ref):
         o_ref[...] = x_ref[...]
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1, grid=(2,), in_specs=[pl.BlockSpec((16, 48), lambda i, idx: (idx[i], 0))],
-        out_specs=pl.BlockSpec((16, 48), lambda i, idx: (i, 0)))
-    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid_spec=grid_spec)(idx, x)  # line: prefetch
+        num_scalar_prefetch=1, grid=(2,),
+        in_specs=[pl.BlockSpec((16, 48), lambda i, idx: (idx[i], 0))], out_specs=pl.BlockSpec((16, 48), lambda i, idx: (i, 0)))
+    return pl.pallas_call(  # line: prefetch
+        kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid_spec=grid_spec)(idx, x)
 
 
 def _dynamic_grid(x, steps):
     def kernel(x_ref, o_ref):
         o_ref[...] = x_ref[...] + 1.0
     spec = pl.BlockSpec((16, 48), lambda i: (i, 0))
-    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(steps,), in_specs=[spec], out_specs=spec)(x)  # line: dynamic
+    return pl.pallas_call(  # line: dynamic
+        kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(steps,), in_specs=[spec],
+        out_specs=spec)(x)
 
 
 def _bounded_slice(x):
     def kernel(x_ref, o_ref):
         o_ref[...] = x_ref[...] * 2.0
     in_spec = pl.BlockSpec((pl.BoundedSlice(8), 48), lambda i: (pl.ds(i * 16, 8), 0))
-    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((2, 8, 48), x.dtype), grid=(2,), in_specs=[in_spec], out_specs=pl.BlockSpec((None, 8, 48), lambda i: (i, 0, 0)))(x)  # line: bounded
+    return pl.pallas_call(  # line: bounded
+        kernel, out_shape=jax.ShapeDtypeStruct((2, 8, 48), x.dtype), grid=(2,), in_specs=[in_spec],
+        out_specs=pl.BlockSpec((None, 8, 48), lambda i: (i, 0, 0)))(x)
 
 
 def _tpu_prng(x):
