@@ -227,7 +227,8 @@ def kernel_cost(op: Op, path: str, chip: ChipSpec) -> KernelCost:
                           transfer_s=c.time_s, collective_bytes=c.sent_bytes, algorithm=c.algorithm,
                           scale_out_s=c.scale_out_s, scale_out_bytes=c.scale_out_bytes)
     if op.kind == "pallas_call":  # a user's kernel: timed from its grid and blocks
-        return KernelCost(**{**common, **pallas_cost.times(op, chip)})
+        return KernelCost(**{**common, "kind": f"pallas_call[{op.attrs.get('name', '')}]",
+                             **pallas_cost.times(op, chip)})
     if host:
         # No MTIA kernel: operands go to the host over the host link and the
         # results come back, one latency each way. Host compute time is not
