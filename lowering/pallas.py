@@ -91,36 +91,45 @@ def _block_kind_problem(dim) -> str | None:
     return type(dim).__name__
 
 
-def _semantic(s) -> str:
-    value = getattr(s, "value", s)  # an enum (pltpu.GridDimensionSemantics) or a string
-    return str(value).lower()
+PARALLEL, ARBITRARY = "parallel", "arbitrary"
+# the spellings of Pallas's backends (Mosaic's, Mosaic GPU's "sequential"):
+# may a grid dimension's iterations run in parallel?
+SEMANTICS = {"parallel": PARALLEL, "core_parallel": PARALLEL, "subcore_parallel": PARALLEL,
+             "arbitrary": ARBITRARY, "sequential": ARBITRARY}
 
 
-def _dimension_semantics(params: dict, grid_mapping) -> tuple[str, ...] | None:
-    """Per grid dim, from ``compiler_params`` (a backend's CompilerParams, or
-    the older ``{"mosaic": {...}}`` dict); vmapped dims are "parallel"."""
-    given = None
+def given_semantics(params: dict) -> tuple[str, ...] | None:
+    """The kernel's own ``dimension_semantics`` from ``compiler_params`` (a
+    backend's CompilerParams, ``mtia_jax.pallas.CompilerParams``, or the
+    older ``{"mosaic": {...}}`` dict), lower-cased; None if it gives none."""
     cp = params.get("compiler_params")
-    if cp is not None:
-        given = getattr(cp, "dimension_semantics", None)
-        if given is None and isinstance(cp, dict):
-            for inner in (cp, *(v for v in cp.values() if isinstance(v, dict))):
-                if inner.get("dimension_semantics") is not None:
-                    given = inner["dimension_semantics"]
-                    break
-    vmapped = tuple(grid_mapping.vmapped_dims)
-    if given is None and not vmapped:
-        return None
-    rank = len(grid_mapping.grid)
+    given = getattr(cp, "dimension_semantics", None)
+    if given is None and isinstance(cp, dict):
+        given = next((inner["dimension_semantics"] for inner in (cp, *cp.values())
+                      if isinstance(inner, dict) and inner.get("dimension_semantics") is not None), None)
+    return None if given is None else tuple(str(getattr(x, "value", x)).lower() for x in given)
+
+
+def dimension_semantics(params: dict, grid_mapping) -> tuple[str, ...]:
+    """Per grid dim, "parallel" or "arbitrary": the kernel's semantics on its
+    own dims (none given: all arbitrary, Pallas TPU's default), the dims
+    ``jax.vmap`` added parallel. ValueError for an unknown value or one
+    entry too many or too few."""
+    rank, vmapped = len(grid_mapping.grid), tuple(grid_mapping.vmapped_dims)
+    given = given_semantics(params)
     if given is None:
-        given = ("arbitrary",) * (rank - len(vmapped))
-    given = tuple(_semantic(s) for s in given)
+        given = (ARBITRARY,) * (rank - len(vmapped))
+    unknown = [x for x in given if x not in SEMANTICS]
+    if unknown:
+        raise ValueError(f"unknown grid dimension semantics {unknown}; use one of {sorted(SEMANTICS)}")
     if len(given) == rank:  # already covers the vmapped dims
-        return given
+        return tuple(SEMANTICS[x] for x in given)
     if len(given) != rank - len(vmapped):
-        return None  # malformed: let Pallas itself complain on a real backend
-    rest = iter(given)
-    return tuple("parallel" if d in vmapped else next(rest) for d in range(rank))
+        raise ValueError(f"dimension_semantics {given} has {len(given)} entries for a grid of "
+                         f"{rank - len(vmapped)} dimensions {tuple(grid_mapping.grid)}; give one per "
+                         f"grid dimension")
+    rest = iter(SEMANTICS[x] for x in given)
+    return tuple(PARALLEL if d in vmapped else next(rest) for d in range(rank))
 
 
 def _kernel_name(params: dict) -> str:
@@ -227,9 +236,12 @@ def _pallas_call_rule(builder, eqn: jcore.JaxprEqn, operands: list[Value]) -> li
         "blocks": blocks[:n_in],
         "out_blocks": blocks[n_in:],
     }
-    semantics = _dimension_semantics(params, gm)
-    if semantics is not None:
-        attrs["dimension_semantics"] = semantics
+    if given_semantics(params) is not None or gm.vmapped_dims:
+        try:
+            attrs["dimension_semantics"] = dimension_semantics(params, gm)
+        except ValueError as error:
+            raise ValueError(f"mtia_jax.jit: the Pallas kernel '{attrs['name']}' at "
+                             f"{builder.current_source}: {error}") from None
     elements = tuple(_element_dims(bm) for bm in gm.block_mappings)
     if any(elements):
         attrs["element_dims"] = elements

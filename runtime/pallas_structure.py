@@ -11,7 +11,7 @@ The model
 Grid and parallelism. The grid runs in row-major order (last axis fastest),
 as Pallas runs it. Each grid axis is ``"parallel"`` or ``"arbitrary"``
 (sequential), read from ``compiler_params.dimension_semantics`` exactly as
-Pallas TPU (Mosaic) reads it: the user's semantics cover the user's grid
+Pallas TPU (Mosaic) reads it (``lowering.pallas.dimension_semantics``): the user's semantics cover the user's grid
 axes, axes added by ``vmap`` are parallel, ``"core_parallel"`` /
 ``"subcore_parallel"`` count as parallel and ``"sequential"`` (Mosaic GPU's
 spelling) as arbitrary. Without semantics every axis is arbitrary, Pallas
@@ -96,11 +96,8 @@ from jax._src.state.discharge import discharge_state  # Refs -> values (scalar p
 from jax.extend import core as jcore
 
 from lowering.op_kinds import KIND_CATEGORY
+from lowering.pallas import PARALLEL, dimension_semantics
 
-PARALLEL = "parallel"
-ARBITRARY = "arbitrary"
-_SEMANTICS = {"parallel": PARALLEL, "core_parallel": PARALLEL, "subcore_parallel": PARALLEL,
-              "arbitrary": ARBITRARY, "sequential": ARBITRARY}
 # memory spaces whose operands stay in HBM (the kernel moves them itself)
 _UNPIPELINED_SPACES = frozenset({"any", "hbm"})
 DEFAULT_BUFFERS = 2  # double buffering: one block computes while the next one moves
@@ -220,7 +217,7 @@ def analyze(params: dict, in_avals: Sequence[Any] | None = None, *, parallel_uni
         raise ValueError(f"a Pallas grid with dynamic bounds ({gm.grid}) has no static structure")
     _check_avals(gm, in_avals)
     grid = tuple(int(d) for d in gm.grid)
-    semantics = _dimension_semantics(params.get("compiler_params"), grid, tuple(gm.vmapped_dims))
+    semantics = dimension_semantics(params, gm)
     steps = math.prod(grid)
     par_axes = [a for a, s in enumerate(semantics) if s == PARALLEL]
     parallel_steps = math.prod(grid[a] for a in par_axes)
@@ -267,27 +264,6 @@ def _check_avals(gm, in_avals) -> None:
         if tuple(aval.shape) != tuple(bm.array_aval.shape):
             raise ValueError(f"operand {bm.origin} has shape {tuple(aval.shape)}, its BlockSpec "
                              f"was made for {tuple(bm.array_aval.shape)}")
-
-
-def _dimension_semantics(compiler_params, grid, vmapped_dims) -> tuple[str, ...]:
-    if isinstance(compiler_params, dict):  # older layout: {"mosaic": {...}}
-        user = next((p.get("dimension_semantics") for p in compiler_params.values()
-                     if isinstance(p, dict) and p.get("dimension_semantics") is not None), None)
-    else:
-        user = getattr(compiler_params, "dimension_semantics", None)
-    n_user = len(grid) - len(vmapped_dims)
-    if user is None:
-        user = (ARBITRARY,) * n_user
-    user = [getattr(s, "value", s) for s in user]
-    unknown = [s for s in user if s not in _SEMANTICS]
-    if unknown:
-        raise ValueError(f"unknown grid dimension semantics {unknown}; expected one of "
-                         f"{sorted(_SEMANTICS)}")
-    if len(user) != n_user:
-        raise ValueError(f"dimension_semantics {tuple(user)} has {len(user)} entries for a grid "
-                         f"of {n_user} axes {grid}")
-    it = iter(_SEMANTICS[s] for s in user)
-    return tuple(PARALLEL if a in vmapped_dims else next(it) for a in range(len(grid)))
 
 
 def _unit_of_step(coords, grid, par_axes, units) -> np.ndarray:
