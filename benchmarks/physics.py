@@ -44,6 +44,8 @@ from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+import pallas_kernels  # noqa: E402
 import programs  # noqa: E402
 
 import mtia_jax  # noqa: E402
@@ -173,6 +175,11 @@ def _programs():
     yield "rnn scan 128 steps", mtia_jax.estimate(
         programs.rnn_scan, (S((256, 256), jnp.float32), S((256, 256), jnp.float32)),
         S((128, 32, 256), jnp.float32), S((32, 256), jnp.float32), chip=CHIP)
+    for name, kernel in (("tiled matmul", pallas_kernels.matmul),
+                         ("FlashAttention forward", pallas_kernels.flash_attention)):
+        shapes = ((S((2048, 2048), jnp.bfloat16),) * 2 if name == "tiled matmul"
+                  else (S((16, 2048, 128), jnp.bfloat16),) * 3)
+        yield f"Pallas {name}", mtia_jax.estimate(kernel, *shapes, chip=CHIP)
 
 
 def section_floor() -> None:
