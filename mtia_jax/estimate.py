@@ -20,6 +20,7 @@ import jax
 
 from lowering.ir import Module
 from mtia_jax import api
+from runtime import power
 from runtime.cost_model import ProgramCost, program_cost
 from runtime.memory import MemoryPlan
 from mtia_jax.errors import UnmeasuredLoopWarning
@@ -68,6 +69,12 @@ class Report:
     @property
     def collective_bytes(self) -> float:
         return self.cost.total("collective_bytes")
+
+    def energy(self, **assumptions):
+        """Modeled energy of one execution per device (``runtime.power``:
+        idle power plus compute and HBM activity, TDP at full load);
+        ``assumptions``: ``idle_fraction=``, ``compute_share=``."""
+        return power.energy(self.cost, self.chip, **assumptions)
 
     @property
     def scale_out_s(self) -> float:
