@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mtia_jax  # noqa: E402
 from models import load, transformer as tf  # noqa: E402
+from models.paged_kv import concurrent_sequences  # noqa: E402
 from models.serving_sim import ServingSimulator  # noqa: E402
 
 POLICIES = {"bf16": None, "mx8": dict(weights="mx8", activations="mx8"),
@@ -105,7 +106,10 @@ def main(argv=None) -> int:
     p.add_argument("--ttft-ms", type=float, default=500.0)
     p.add_argument("--tpot-ms", type=float, default=50.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-len", type=int, default=8192,
+                   help="positions a fixed-slot cache reserves per sequence (the served context length)")
     p.add_argument("--plot", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "serving_sweep.png")
+    p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     for dtype in args.dtype.split(","):
@@ -125,8 +129,17 @@ def main(argv=None) -> int:
                         f"U{args.prompt}, outputs U{args.output}; SLO TTFT <= {args.ttft_ms:g} ms, TPOT <= "
                         f"{args.tpot_ms:g} ms; {sim.kv_blocks} KV blocks of {sim.block_size}; "
                         f"{sim.times.estimates} step shapes estimated (modeled)", rows))
+            # how many sequences of this workload's lengths the pool holds at once, paged vs fixed slots
+            sample = load.poisson(1.0, 100_000, load.Uniform(*args.prompt), load.Uniform(*args.output),
+                                  seed=args.seed)
+            positions = sim.kv_blocks * sim.block_size
+            fixed, paged = concurrent_sequences([r.prompt_len + r.output_len for r in sample], positions,
+                                                max_len=args.max_len, block_size=sim.block_size)
+            print(f"KV pool of {positions:,} positions (HBM left after the weights) holds {paged:,} of "
+                  f"this workload's sequences paged vs {fixed:,} in fixed slots of {args.max_len} "
+                  f"positions ({paged / fixed:.1f}x)")
             print()
-    if args.plot:
+    if not args.no_plot:
         plot(args.plot, runs, slo)
         print(f"plot: {args.plot}")
     print(f"({time.perf_counter() - start:.0f} s)")

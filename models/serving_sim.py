@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import mtia_jax
 from models import load, transformer as tf
 from models.paged_kv import DEFAULT_BLOCK_SIZE, BlockAllocator
+from models.serving import kv_cache_bytes, weight_bytes
 
 
 def _bucket(n: int, least: int = 1) -> int:
@@ -141,18 +142,20 @@ class ServingSimulator:
             self.kv_blocks = self._blocks_that_fit()
 
     def _blocks_that_fit(self) -> int:
-        """KV blocks the HBM holds per device after the weights (90 % of it)."""
+        """KV blocks that fit 90 % of each device's HBM after its weights
+        (``models.serving.weight_bytes``: MX weights packed, shards divided)
+        with the KV heads split as ``tf.shardings`` splits them."""
         spec = mtia_jax.chips.get(self.chip)
-        devices = math.prod(self.mesh.axis_sizes) if self.mesh is not None else 1
-        weights = sum(math.prod(w.shape) * w.dtype.itemsize for w in jax.tree.leaves(tf.param_shapes(self.cfg)))
-        if self.precision is not None and getattr(self.precision, "weights", None):
-            weights = weights * 4.25 / 16 if "4" in str(self.precision.weights) else weights / 2
-        per_position = 2 * self.cfg.layers * self.cfg.kv_heads * self.cfg.head_dim * 2  # bf16 k and v
-        free = 0.9 * spec.hbm_bytes * devices - weights
-        if free <= 0:
-            raise ValueError(f"ServingSimulator: the weights ({weights / 1e9:.1f} GB) leave no HBM for the "
-                             f"KV cache on {devices} x {self.chip}")
-        return int(free // (per_position * self.block_size))
+        pspecs, cspecs, _ = (tf.shardings(self.cfg, self.mesh, 1) if self.mesh is not None
+                             else (None, None, None))
+        weights = weight_bytes(tf.param_shapes(self.cfg), self.precision, pspecs, self.mesh)
+        one_block = kv_cache_bytes({name: leaf for name, leaf in tf.cache_shapes(
+            self.cfg, 1, self.block_size).items() if name != "lengths"}, cspecs, self.mesh)
+        free = 0.9 * spec.hbm_bytes - weights
+        if free < one_block:
+            raise ValueError(f"ServingSimulator: the weights ({weights / 1e9:.1f} GB per device) leave no "
+                             f"HBM for the KV cache on {self.chip}")
+        return int(free // one_block)
 
     def run(self, requests: list[load.LoadRequest], progress=None) -> SimResult:
         """Serve ``requests`` on the modeled clock; ``progress``: a tqdm bar (or
