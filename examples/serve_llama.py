@@ -2,6 +2,7 @@
 
     python examples/serve_llama.py --preset tiny --chip mtia450 --dtype mx4 --requests 32
     python examples/serve_llama.py --preset tiny --mesh 1x8 --requests 8 --max-new-tokens 8
+    python examples/serve_llama.py --preset llama3-70b --mesh 1x8 --request-rate 16 --requests 200
 
 Random prompts of varied lengths (from a seeded generator) go through
 ``models.serving.ServingEngine``; a progress bar (on stderr) counts finished
@@ -10,6 +11,12 @@ summary prints host and modeled tokens/s, time to first token, inter-token
 latency p50/p99 and HBM use.
 ``--dtype`` bf16 runs the model's own dtype with no precision policy;
 mx8/mx6/mx4 store the matmul weights in that MX format with mx8 activations.
+
+``--request-rate R`` serves a Poisson load of R requests/s instead, from
+shapes only (``models.serving_sim``: chunked prefill, paged KV cache,
+preemption; no numerics run, so any preset works), prompts uniform in 16..1024
+tokens and outputs in 16..``--max-new-tokens``, and prints TTFT / TPOT / ITL /
+end-to-end percentiles and goodput, all modeled.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from tqdm import tqdm
 
 import mtia_jax
 from models import transformer as tf
+from models import load
 from models.serving import Request, SamplingParams, ServingEngine
+from models.serving_sim import ServingSimulator
 
 # --dtype -> precision policy (weights in that format, activations mx8)
 POLICIES = {"bf16": None, "mx8": ("mx8", "mx8"), "mx6": ("mx6", "mx8"), "mx4": ("mx4", "mx8")}
@@ -52,6 +61,22 @@ def run(engine: ServingEngine, requests: int) -> None:
             bar.update(len(finished))
 
 
+def simulate(args, cfg, policy, mesh_shape) -> int:
+    """``--request-rate``: the load through the shapes-only simulator."""
+    mesh = None if mesh_shape is None else tf.tensor_parallel_mesh(cfg, *mesh_shape, chip=args.chip)
+    sim = ServingSimulator(cfg, chip=args.chip, mesh=mesh, precision=policy)
+    requests = load.poisson(args.request_rate, args.requests, load.Uniform(16, 1024),
+                            load.Uniform(16, max(16, args.max_new_tokens)), seed=args.seed)
+    print(f"serving {args.requests} requests at {args.request_rate:g}/s: {args.preset} on {args.chip}"
+          f"{' mesh ' + args.mesh if mesh else ''}, dtype {args.dtype}, from shapes (modeled)", flush=True)
+    with tqdm(total=args.requests, unit="req", desc="requests", file=sys.stderr) as bar:
+        result = sim.run(requests, progress=bar)
+    print(result.metrics.summary())
+    print(f"  {result.steps} steps, {result.preemptions} preemptions, up to {result.max_running} sequences "
+          f"at once, {result.kv_blocks} KV blocks of {sim.block_size}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=sorted(tf.PRESETS),
@@ -69,14 +94,13 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0, help="seed of prompts, weights and sampling")
+    ap.add_argument("--request-rate", type=float, default=None,
+                    help="requests/s of a Poisson load, served from shapes only (see above)")
     args = ap.parse_args(argv)
     if args.requests < 1 or args.max_new_tokens < 1 or args.slots < 1:
         ap.error("--requests, --max-new-tokens and --slots must be >= 1")
 
     cfg = tf.Config.preset(args.preset)
-    max_len = args.max_len or min(cfg.max_seq_len, 64)
-    if max_len - args.max_new_tokens < 1:
-        ap.error(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in {max_len} positions")
     formats = POLICIES[args.dtype]
     policy = None if formats is None else mtia_jax.PrecisionPolicy(weights=formats[0], activations=formats[1])
     try:
@@ -86,6 +110,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         ap.error(f"--mesh {args.mesh}: {e}")
 
+    if args.request_rate is not None:
+        return simulate(args, cfg, policy, mesh_shape)
+    max_len = args.max_len or min(cfg.max_seq_len, 64)
+    if max_len - args.max_new_tokens < 1:
+        ap.error(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in {max_len} positions")
     params = tf.init_params(cfg, jax.random.key(args.seed))
     engine = ServingEngine(cfg, params, slots=args.slots, max_len=max_len, chip=args.chip,
                            precision=policy, mesh=mesh)

@@ -139,6 +139,18 @@ class Metrics:
         """Requests per second that meet the SLO."""
         return self.meeting_slo / self.makespan_s if self.makespan_s > 0 else 0.0
 
+    def summary(self) -> str:
+        """The metrics as text (times in ms)."""
+        lines = [f"{self.requests} requests, {self.output_tokens} output tokens in {self.makespan_s:.3f} s: "
+                 f"{self.throughput:,.0f} tokens/s, goodput {self.goodput:.2f} requests/s "
+                 f"({self.meeting_slo} meet TTFT <= {self.slo.ttft_s * 1e3:g} ms and TPOT <= "
+                 f"{self.slo.tpot_s * 1e3:g} ms)"]
+        for name in ("ttft", "tpot", "itl", "e2e"):
+            p = getattr(self, name)
+            lines.append(f"  {name.upper():<4} mean {p.mean * 1e3:9.2f}  p50 {p.p50 * 1e3:9.2f}  "
+                         f"p90 {p.p90 * 1e3:9.2f}  p99 {p.p99 * 1e3:9.2f} ms")
+        return "\n".join(lines)
+
     def row(self) -> dict:
         return {"requests": self.requests, "throughput_tok_s": self.throughput, "goodput_req_s": self.goodput,
                 **{f"{name}_{q}_ms": getattr(getattr(self, name), q) * 1e3

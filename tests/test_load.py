@@ -58,3 +58,10 @@ def test_metrics_refuse_inconsistent_token_times():
         load.metrics([1.0], [[0.5]])
     with pytest.raises(ValueError, match="2 token lists"):
         load.metrics([0.0], [[1.0], [2.0]])
+
+
+def test_summary_names_every_metric_in_milliseconds():
+    m = load.metrics([0.0], [[0.1, 0.2, 0.4]])
+    text = m.summary()
+    assert text.startswith("1 requests, 3 output tokens in 0.400 s")
+    assert "TTFT mean    100.00" in text and "TPOT mean    150.00" in text and "E2E  mean    400.00" in text
