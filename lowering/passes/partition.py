@@ -51,7 +51,8 @@ from lowering import collectives
 from lowering.ir import Module, Op, Value
 from lowering.op_kinds import KIND_CATEGORY
 from lowering.passes import partition_embedding, partition_moe
-from lowering.passes.partitioner import Partitioner, Spec, normalize_spec, overlaps, spec_axes
+from lowering.passes.partitioner import (Partitioner, Spec, normalize_spec, overlaps, spec_axes,
+                                         spec_entry)
 from lowering.passes.precision import may_quantize, split_keeps_mx_blocks
 from lowering.regions import REGION_KINDS
 
@@ -215,14 +216,6 @@ def _transpose_rule(p: Partitioner, op: Op) -> None:
     p.same_op(op, [p.to_spec(x, spec, keep_partial=True)], [out], p.partial.get(x, frozenset()))
 
 
-def _axes_tuple(a) -> tuple:
-    return a if isinstance(a, tuple) else (a,)
-
-
-def _as_entry(axes: tuple):
-    return axes[0] if len(axes) == 1 else axes
-
-
 def _reshape_rule(p: Partitioner, op: Op) -> None:
     """A split dim keeps its split on the output dims it becomes: the dim
     starting at the same element offset; a dim split over several axes
@@ -241,14 +234,14 @@ def _reshape_rule(p: Partitioner, op: Op) -> None:
         prefix = math.prod(src[:d])
         # the output dim starting at the same element offset (size-1 dims skipped)
         j = next((j for j in range(len(dst)) if math.prod(dst[:j]) == prefix and dst[j] != 1), None)
-        placed = _place_split(p, _axes_tuple(a), src[d], dst, j, out) if j is not None else None
+        placed = _place_split(p, spec_axes(a), src[d], dst, j, out) if j is not None else None
         if placed is None:
-            placed = _merge_split(p, _axes_tuple(a), src, d, dst, out, whole)
+            placed = _merge_split(p, spec_axes(a), src, d, dst, out, whole)
         if placed is None:
             spec[d] = None
             continue
         for k, axes in placed.items():
-            out[k] = _as_entry(axes)
+            out[k] = spec_entry(axes)
         last = max(placed)
         if p.mesh[tuple(a for axes in placed.values() for a in axes)] == src[d]:
             whole[last] = d
@@ -282,10 +275,10 @@ def _merge_split(p: Partitioner, axes: tuple, src, d: int, dst, out, whole: dict
     j = next((j for j, prev in whole.items() if prev == d - 1), None)
     if j is None or math.prod(src[:d + 1]) > math.prod(dst[:j + 1]):
         return None
-    if dst[j] % p.mesh[(*_axes_tuple(out[j]), *axes)] != 0:
+    if dst[j] % p.mesh[(*spec_axes(out[j]), *axes)] != 0:
         return None
     del whole[j]
-    return {j: (*_axes_tuple(out[j]), *axes)}
+    return {j: (*spec_axes(out[j]), *axes)}
 
 
 def _squeeze_rule(p: Partitioner, op: Op) -> None:
@@ -388,10 +381,10 @@ def _kv_heads_split(p: Partitioner, n, kv_heads: int):
     """Query heads split over several axes, K/V heads fewer than the devices:
     the major axes that give each device exactly one K/V head (the one its
     query heads read, GQA), or None."""
-    axes = _axes_tuple(n)
+    axes = spec_axes(n)
     for j in range(1, len(axes)):
         if p.mesh[axes[:j]] == kv_heads:
-            return _as_entry(axes[:j])
+            return spec_entry(axes[:j])
     return None
 
 
