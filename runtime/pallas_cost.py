@@ -31,13 +31,10 @@ bytes are at least those of the fewest fetches (one PE,
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import numpy as np
 
 from lowering.ir import Op
-from lowering.passes.tiling import DPE_NATIVE_TILE, pipeline_efficiency
+from lowering.passes.tiling import native_block_efficiency, pipeline_efficiency
 from mtia_jax.errors import PallasBlockError
 from runtime.pallas_structure import KernelStructure, analyze
 
@@ -58,40 +55,16 @@ def pes(chip) -> int:
     return chip.pe_rows * chip.pe_cols
 
 
-def _dots(jaxpr) -> list[tuple[int, int, int, Any]]:
-    """(rows, cols, contraction, lhs dtype) of every dot_general in a kernel body."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-            lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
-            k = math.prod(lhs.shape[d] for d in lc)
-            m = math.prod(s for d, s in enumerate(lhs.shape) if d not in (*lc, *lb))
-            n = math.prod(s for d, s in enumerate(rhs.shape) if d not in (*rc, *rb))
-            found.append((m, n, k, lhs.dtype))
-        for sub in _sub_jaxprs(eqn):
-            found.extend(_dots(sub))
-    return found
-
-
-def _sub_jaxprs(eqn):
-    for value in eqn.params.values():
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            inner = getattr(item, "jaxpr", item)
-            if hasattr(inner, "eqns"):
-                yield inner
-
-
 def dpe_efficiency(op: Op, chip) -> float:
     """FLOP-weighted efficiency of the body's dots on one PE's Dot Product
     Engine: output blocks padded to the native block, the K stream's fill
     and drain."""
     total = weighted = 0.0
-    for m, n, k, dtype in _dots(op.params["jaxpr"]):
+    for m, n, k, dtype in structure(op).dots:
         flops = 2.0 * m * n * k
-        pad = (m * n) / (-(-m // DPE_NATIVE_TILE) * DPE_NATIVE_TILE * -(-n // DPE_NATIVE_TILE) * DPE_NATIVE_TILE)
         total += flops
-        weighted += flops * pad * pipeline_efficiency(k, chip.matmul_peak(dtype), chip)
+        pipe = pipeline_efficiency(k, chip.matmul_peak(np.dtype(dtype)), chip)
+        weighted += flops * native_block_efficiency(m, n) * pipe
     return weighted / total if total else 1.0
 
 

@@ -173,6 +173,8 @@ class KernelStructure:
     work_total: BodyWork
     unit_work: tuple[BodyWork, ...]
     notes: tuple[str, ...] = ()  # where the analysis assumed something
+    # every dot_general of the body, once: (rows, cols, contraction, lhs dtype)
+    dots: tuple[tuple[int, int, int, str], ...] = ()
 
     @property
     def inputs(self) -> tuple[BlockTraffic, ...]:
@@ -247,7 +249,7 @@ def analyze(params: dict, in_avals: Sequence[Any] | None = None, *, parallel_uni
         operands=operands, scratch_bytes=scratch_bytes, block_set_bytes=block_set_bytes,
         work_per_step=_summarize(work, lambda v: int(np.max(v, initial=0))),
         work_total=_summarize(work, lambda v: int(np.sum(np.broadcast_to(v, (steps,))))),
-        unit_work=unit_work, notes=tuple(dict.fromkeys(notes)))
+        unit_work=unit_work, notes=tuple(dict.fromkeys(notes)), dots=tuple(body.dots.values()))
 
 
 # ------------------------------------------------------------ grid
@@ -468,6 +470,7 @@ class _Body:
         self.user_axes = [a for a in range(len(grid)) if a not in vmapped_dims]
         self.grid, self.coords, self.notes = grid, coords, notes
         self.steps = coords.shape[1]
+        self.dots: dict = {}  # id of a dot_general equation -> its (rows, cols, contraction, dtype)
 
     def walk(self, jaxpr, known: dict) -> tuple[dict, list]:
         jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
@@ -551,10 +554,14 @@ class _Body:
             known[eqn.outvars[0]] = np.asarray(eqn.primitive.bind(*args, **eqn.params))
 
     def dot(self, eqn) -> dict:
-        lhs = eqn.invars[0]
-        (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-        contract = math.prod(lhs.aval.shape[d] for d in lhs_contract)
-        return {("matrix", str(np.dtype(lhs.aval.dtype))): 2 * _size(eqn.outvars[0]) * contract}
+        lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+        (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"]
+        contract = math.prod(lhs.shape[d] for d in lhs_contract)
+        dtype = str(np.dtype(lhs.dtype))
+        self.dots[id(eqn)] = (math.prod(n for d, n in enumerate(lhs.shape) if d not in (*lhs_contract, *lhs_batch)),
+                              math.prod(n for d, n in enumerate(rhs.shape) if d not in (*rhs_contract, *rhs_batch)),
+                              contract, dtype)
+        return {("matrix", dtype): 2 * _size(eqn.outvars[0]) * contract}
 
     def sub_known(self, sub, operands, known) -> dict:
         """The known values of ``sub``'s leading invars, bound to ``operands``."""

@@ -75,6 +75,12 @@ def _pad(x: int, q: int) -> int:
     return -(-x // q) * q
 
 
+def native_block_efficiency(rows: int, cols: int) -> float:
+    """Useful fraction of a (rows x cols) output block padded to the DPE's
+    native block (``DPE_NATIVE_TILE`` square)."""
+    return (rows * cols) / (_pad(rows, DPE_NATIVE_TILE) * _pad(cols, DPE_NATIVE_TILE))
+
+
 def _best_grid(tm: int, tn: int, rows: int, cols: int) -> tuple[tuple[int, int], float]:
     """Spread a (tm x tn) tile over the PE grid to waste the least DPE work."""
     n_pe = rows * cols
