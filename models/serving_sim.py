@@ -58,17 +58,18 @@ class StepTimes:
 
     def __init__(self, cfg: tf.Config, *, chip, mesh=None, precision=None):
         self.cfg, self.chip, self.mesh, self.precision = cfg, chip, mesh, precision
+        self.params = tf.param_shapes(cfg)
         self.estimates = 0
 
-    def _estimate(self, fn, batch: int, *args, donate=()):
+    def _estimate(self, fn, args, in_shardings, donate: int) -> float:
         self.estimates += 1
-        kwargs = dict(chip=self.chip, precision=self.precision, donate_argnums=donate)
-        if self.mesh is not None:
-            pspecs, cspecs, tspec = tf.shardings(self.cfg, self.mesh, batch)
-            specs = (pspecs, tspec, cspecs) if len(args) == 2 else (pspecs, jax.sharding.PartitionSpec(),
-                                                                    tspec, cspecs)
-            kwargs |= dict(mesh=self.mesh, in_shardings=specs)
-        return mtia_jax.estimate(fn, tf.param_shapes(self.cfg), *args, **kwargs).time_s
+        sharded = dict(mesh=self.mesh, in_shardings=in_shardings) if self.mesh is not None else {}
+        return mtia_jax.estimate(fn, self.params, *args, chip=self.chip, precision=self.precision,
+                                 donate_argnums=(donate,), **sharded).time_s
+
+    def shardings(self, batch: int):
+        """(params, cache, tokens) PartitionSpecs on the mesh, or Nones."""
+        return tf.shardings(self.cfg, self.mesh, batch) if self.mesh is not None else (None, None, None)
 
     def decode(self, batch: int, context: int) -> float:
         """One decode step of ``batch`` sequences of context up to ``context``."""
@@ -80,15 +81,18 @@ class StepTimes:
 
     @functools.lru_cache(maxsize=None)
     def _decode(self, b: int, s: int) -> float:
-        return self._estimate(functools.partial(tf.decode, self.cfg), b,
-                              jax.ShapeDtypeStruct((b,), jnp.int32), tf.cache_shapes(self.cfg, b, s),
-                              donate=(2,))
+        pspecs, cspecs, tspec = self.shardings(b)
+        return self._estimate(functools.partial(tf.decode, self.cfg),
+                              (jax.ShapeDtypeStruct((b,), jnp.int32), tf.cache_shapes(self.cfg, b, s)),
+                              (pspecs, tspec, cspecs), donate=2)
 
     @functools.lru_cache(maxsize=None)
     def _prefill(self, t: int) -> float:
-        return self._estimate(functools.partial(tf.prefill, self.cfg), 1,
-                              jax.ShapeDtypeStruct((1, t), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32),
-                              tf.cache_shapes(self.cfg, 1, t), donate=(3,))
+        pspecs, cspecs, tspec = self.shardings(1)
+        return self._estimate(functools.partial(tf.prefill, self.cfg),
+                              (jax.ShapeDtypeStruct((1, t), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32),
+                               tf.cache_shapes(self.cfg, 1, t)),
+                              (pspecs, jax.sharding.PartitionSpec(), tspec, cspecs), donate=3)
 
 
 @dataclasses.dataclass
@@ -146,9 +150,8 @@ class ServingSimulator:
         (``models.serving.weight_bytes``: MX weights packed, shards divided)
         with the KV heads split as ``tf.shardings`` splits them."""
         spec = mtia_jax.chips.get(self.chip)
-        pspecs, cspecs, _ = (tf.shardings(self.cfg, self.mesh, 1) if self.mesh is not None
-                             else (None, None, None))
-        weights = weight_bytes(tf.param_shapes(self.cfg), self.precision, pspecs, self.mesh)
+        pspecs, cspecs, _ = self.times.shardings(1)
+        weights = weight_bytes(self.times.params, self.precision, pspecs, self.mesh)
         one_block = kv_cache_bytes({name: leaf for name, leaf in tf.cache_shapes(
             self.cfg, 1, self.block_size).items() if name != "lengths"}, cspecs, self.mesh)
         free = 0.9 * spec.hbm_bytes - weights
