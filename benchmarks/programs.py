@@ -182,18 +182,17 @@ def llama_shapes(config: dict, batch: int, cache_len: int, dtype=jnp.bfloat16, k
 
 def _kv_groups(config: dict | None, model: int) -> bool:
     """Whether ``model`` tensor-parallel devices outnumber the KV heads in whole groups."""
-    return config is not None and model > config["kv_heads"] and model % config["kv_heads"] == 0
+    from models.transformer import kv_head_groups
+    return config is not None and kv_head_groups(config["kv_heads"], model) > 1
 
 
 def llama_mesh(config: dict | None, data: int, model: int, chip=None):
-    """The mesh ``llama_shardings(config, model)`` expects: ("data", "model"),
-    or, when ``model`` devices outnumber the KV heads, ("data", "model",
-    "rep") with "model" the KV heads and "rep" the devices sharing each."""
-    import mtia_jax
-    if _kv_groups(config, model):
-        kv = config["kv_heads"]
-        return mtia_jax.make_mesh((data, kv, model // kv), ("data", "model", "rep"), chip=chip)
-    return mtia_jax.make_mesh((data, model), ("data", "model"), chip=chip)
+    """The mesh ``llama_shardings(config, model)`` expects
+    (``models.transformer.tensor_parallel_mesh``): ("data", "model"), or, when
+    ``model`` devices outnumber the KV heads, ("data", "model", "rep") with
+    "model" the KV heads and "rep" the devices sharing each."""
+    from models.transformer import tensor_parallel_mesh
+    return tensor_parallel_mesh(config["kv_heads"] if config is not None else model, data, model, chip)
 
 
 def llama_shardings(config: dict | None = None, model: int = 1):

@@ -641,15 +641,24 @@ def _extent(cfg: Config, axis: str, batch: int) -> int | None:
             "experts": cfg.experts, "expert_ffn": cfg.ffn, "vocab": cfg.vocab}.get(axis)
 
 
-def tensor_parallel_mesh(cfg: Config, data: int, model: int, chip=None):
+def kv_head_groups(kv_heads: int, model: int) -> int:
+    """Devices that share each KV head under ``model``-way tensor parallelism:
+    ``model / kv_heads`` when ``model`` is a multiple of the KV heads above
+    them, else 1."""
+    return model // kv_heads if model > kv_heads and model % kv_heads == 0 else 1
+
+
+def tensor_parallel_mesh(cfg: Config | int, data: int, model: int, chip=None):
     """A ("data", "model") mesh for ``model``-way tensor parallelism; with more
-    devices than KV heads (in whole groups), ("data", "model", "rep"): "model"
-    the KV heads, "rep" the devices sharing each (``GROUPED_KV_RULES``)."""
+    devices than KV heads (in whole groups, ``kv_head_groups``), ("data",
+    "model", "rep"): "model" the KV heads, "rep" the devices sharing each
+    (``GROUPED_KV_RULES``). ``cfg``: a Config, or its number of KV heads."""
     import mtia_jax  # the package's public API, loaded on use
 
-    if model > cfg.kv_heads and model % cfg.kv_heads == 0:
-        return mtia_jax.make_mesh((data, cfg.kv_heads, model // cfg.kv_heads), ("data", "model", "rep"),
-                                  chip=chip)
+    kv_heads = cfg if isinstance(cfg, int) else cfg.kv_heads
+    groups = kv_head_groups(kv_heads, model)
+    if groups > 1:
+        return mtia_jax.make_mesh((data, kv_heads, groups), ("data", "model", "rep"), chip=chip)
     return mtia_jax.make_mesh((data, model), ("data", "model"), chip=chip)
 
 
