@@ -47,6 +47,7 @@ import numpy as np
 
 import mtia_jax
 from lowering import network
+from lowering.passes.partitioner import spec_axes
 from mtia_jax import chips as chip_catalogue
 from mtia_jax import mesh as mesh_lib
 
@@ -202,7 +203,7 @@ def simulate(stage_s: Sequence[float], send_s: Sequence[float], microbatches: in
 
 def _mentions(spec_tree, axes: tuple[str, ...]) -> bool:
     specs = jax.tree.leaves(spec_tree, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-    return any(entry in axes or (isinstance(entry, tuple) and set(entry) & set(axes))
+    return any(set(spec_axes(entry)) & set(axes)
                for spec in specs if isinstance(spec, jax.sharding.PartitionSpec) for entry in spec)
 
 

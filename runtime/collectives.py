@@ -24,7 +24,7 @@ import dataclasses
 
 import numpy as np
 
-from lowering.ir import Op
+from lowering.ir import Op, element_bits
 from lowering.network import REDUCING, describe, elapsed, plan
 
 KEEPS_OWN_SHARE = frozenset({"all_gather", "all_to_all"})
@@ -55,9 +55,8 @@ def collective_cost(op: Op, chip) -> CollectiveCost:
     time = elapsed(phases)
     if reduced and not near_memory:
         dtype = op.operands[0].type.dtype
-        itemsize = op.operands[0].type.nbytes / max(op.operands[0].type.size, 1)
         vector = chip.vector_peak(np.dtype(dtype) if not hasattr(dtype, "format") else "fp32")
-        time += reduced / itemsize / vector
+        time += reduced / (element_bits(dtype) / 8) / vector
     outside = [ph for ph in phases if ph.fabric == "scale-out"]
     return CollectiveCost(time, describe(phases), sent, sum(ph.sent_bytes for ph in outside),
                           sum(ph.time_s for ph in outside), hbm)
