@@ -63,15 +63,14 @@ class BlockAllocator:
         raises ``OutOfBlocks`` (allocating nothing) when the pool is short."""
         if positions < 0:
             raise ValueError(f"allocate: positions must be >= 0, got {positions}")
-        table = self._tables.setdefault(seq, [])
+        table = self._tables.get(seq, [])
         need = self.blocks_for(positions) - len(table)
         if need > len(self._free):
-            if not table:
-                del self._tables[seq]
             raise OutOfBlocks(f"sequence {seq!r} needs {need} more blocks of {self.block_size} "
                               f"positions; {len(self._free)} of {self.num_blocks} are free")
         for _ in range(max(need, 0)):
             table.append(self._free.pop())
+        self._tables[seq] = table
         return list(table)
 
     def free(self, seq: Hashable) -> None:

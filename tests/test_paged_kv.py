@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import mtia_jax
 from models.paged_kv import BlockAllocator, OutOfBlocks, concurrent_sequences, paged_attention
@@ -18,6 +18,8 @@ OPS = st.lists(st.tuples(st.sampled_from(["grow", "free"]), st.integers(0, 5), s
 
 @settings(max_examples=200, deadline=None)
 @given(OPS, st.integers(1, 24), st.sampled_from([1, 4, 16]))
+# a sequence holding zero positions stays registered when a later growth is refused
+@example(ops=[("grow", 0, 0), ("grow", 0, 2)], num_blocks=1, block_size=1)
 def test_allocator_never_leaks_nor_shares_a_block(ops, num_blocks, block_size):
     alloc = BlockAllocator(num_blocks, block_size)
     lengths: dict[int, int] = {}
