@@ -50,16 +50,49 @@ def dcnv2(chip: str):
     return dlrm.estimate(dlrm.Config.preset("mlperf-dcnv2"), 8 * 2048, chip=chip, mesh=mesh)
 
 
-def row(name: str, chip: str, report, items: int, devices: int, what: str, hour_cost) -> str:
+# the power model's assumptions, each moved (runtime/power.py: idle 30 % of
+# TDP, 60 % of the dynamic power to compute); the keys are the column heads
+SENSITIVITY = {"idle15": dict(idle_fraction=0.15), "idle45": dict(idle_fraction=0.45),
+               "comp40": dict(compute_share=0.4), "comp80": dict(compute_share=0.8)}
+
+
+def has_mx4(chip: str) -> bool:
+    """Whether ``chip`` runs MX4 matmuls (the MTIA chips; not the GPUs)."""
+    spec = mtia_jax.chips.get(chip)
+    return "mx_matmul" in spec.units and "mx4" in spec.peak_flops
+
+
+def runs(chips=CHIPS):
+    """Every workload of the table, in its order: ``(workload, chip, report,
+    items per step, devices, item)``, items being tokens or samples."""
+    for chip in chips:
+        yield "70B decode B64 bf16", chip, llama_decode(chip), BATCH, TP, "token"
+        if has_mx4(chip):
+            yield "70B decode B64 MX4", chip, llama_decode(chip, MX4), BATCH, TP, "token"
+    for chip in chips:
+        yield "DCNv2 8 chips x 2048", chip, dcnv2(chip), 8 * 2048, 8, "sample"
+
+
+def figures(report, items: int, devices: int) -> dict:
+    """The modeled figures of one step of ``items`` tokens or samples on
+    ``devices`` chips: step seconds, items/s per device, average watts per
+    device, joules per item (all devices' energy) and items per joule, and
+    ``moved``: joules per item with each assumption of ``SENSITIVITY`` moved."""
     e = report.energy()
     per_item = e.joules * devices / items
-    moved = [report.energy(idle_fraction=f).joules * devices / items for f in (0.15, 0.45)]
-    moved += [report.energy(compute_share=c).joules * devices / items for c in (0.4, 0.8)]
-    rate = items / report.time_s
-    cost = (f" {hour_cost * devices / 3600 / rate * 1e6:>10.4f}" if hour_cost else "")
-    return (f"{name:<26} {chip:<8} {report.time_s * 1e3:>8.3f} {rate / devices:>11.4g} {e.watts:>7.0f} "
-            f"{per_item:>10.4g} {1 / per_item:>10.4g} {what:<7} "
-            + " ".join(f"{m / per_item - 1:>+6.0%}" for m in moved) + cost)
+    return {"step_s": report.time_s, "items_per_s_per_device": items / report.time_s / devices,
+            "watts_per_device": e.watts, "joules_per_item": per_item, "items_per_joule": 1 / per_item,
+            "moved": {name: report.energy(**moved).joules * devices / items
+                      for name, moved in SENSITIVITY.items()}}
+
+
+def row(name: str, chip: str, report, items: int, devices: int, what: str, hour_cost) -> str:
+    f = figures(report, items, devices)
+    per_item = f["joules_per_item"]
+    cost = (f" {hour_cost / 3600 / f['items_per_s_per_device'] * 1e6:>10.4f}" if hour_cost else "")
+    return (f"{name:<26} {chip:<8} {f['step_s'] * 1e3:>8.3f} {f['items_per_s_per_device']:>11.4g} "
+            f"{f['watts_per_device']:>7.0f} {per_item:>10.4g} {f['items_per_joule']:>10.4g} {what:<7} "
+            + " ".join(f"{m / per_item - 1:>+6.0%}" for m in f["moved"].values()) + cost)
 
 
 def main(argv=None) -> int:
@@ -72,15 +105,9 @@ def main(argv=None) -> int:
     print("Modeled energy (runtime/power.py: idle 30 % of TDP, dynamic 60 % compute / 40 % HBM; "
           "assumptions); per device figures, items = tokens or samples")
     print(f"{'workload':<26} {'chip':<8} {'step ms':>8} {'items/s/dev':>11} {'W/dev':>7} "
-          f"{'J/item':>10} {'items/J':>10} {'item':<7} idle15 idle45 comp40 comp80{cost_head}")
-    for chip in CHIPS:
-        spec = mtia_jax.chips.get(chip)
-        print(row("70B decode B64 bf16", chip, llama_decode(chip), BATCH, TP, "token", args.chip_hour_cost))
-        if "mx_matmul" in spec.units and "mx4" in spec.peak_flops:
-            print(row("70B decode B64 MX4", chip, llama_decode(chip, MX4), BATCH, TP, "token",
-                      args.chip_hour_cost))
-    for chip in CHIPS:
-        print(row("DCNv2 8 chips x 2048", chip, dcnv2(chip), 8 * 2048, 8, "sample", args.chip_hour_cost))
+          f"{'J/item':>10} {'items/J':>10} {'item':<7} " + " ".join(f"{k:>6}" for k in SENSITIVITY) + cost_head)
+    for name, chip, report, items, devices, what in runs():
+        print(row(name, chip, report, items, devices, what, args.chip_hour_cost))
     print(f"({time.perf_counter() - start:.0f} s)")
     return 0
 

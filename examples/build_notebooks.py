@@ -19,7 +19,7 @@ from pathlib import Path
 import nbformat
 
 EXAMPLES = Path(__file__).resolve().parent
-NOTEBOOKS = ("compare_dtypes",)  # twins under examples/, without ".py"
+NOTEBOOKS = ("compare_dtypes", "energy_per_token")  # twins under examples/, without ".py"
 
 CODE_MARKER = "# %%"
 MARKDOWN_MARKER = "# %% [markdown]"

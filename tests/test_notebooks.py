@@ -1,6 +1,8 @@
-"""examples/compare_dtypes.ipynb: generated from its percent-format twin, and
-executed end to end (small sizes) on a kernel of this interpreter, its results
-checked against independent computations and against what MX formats must do."""
+"""The example notebooks, generated from their percent-format twins and
+executed end to end on a kernel of this interpreter: examples/compare_dtypes.ipynb
+(small sizes), its results checked against independent computations and
+against what MX formats must do; examples/energy_per_token.ipynb (shapes only),
+its figures checked against the power model applied to fresh estimates."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from nbclient import NotebookClient
 import mtia_jax
 from models import dlrm
 from models import transformer as tf
+from runtime import power
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
@@ -27,18 +30,31 @@ import build_notebooks  # noqa: E402
 
 TWIN = ROOT / "examples" / "compare_dtypes.py"
 NOTEBOOK = ROOT / "examples" / "compare_dtypes.ipynb"
+ENERGY_TWIN = ROOT / "examples" / "energy_per_token.py"
+ENERGY_NOTEBOOK = ROOT / "examples" / "energy_per_token.ipynb"
 KERNEL = "mtia-jax-test-python"
 # appended to the notebook before it runs: what the checks below read
 RESULTS_CELL = ("import json\nprint(json.dumps({'python': sys.executable, 'size': SIZE, "
                 "'llama_shapes': LLAMA_SHAPES, 'llama': llama_table, 'dlrm_batch': DLRM_BATCH, "
                 "'dlrm_auc': dlrm_auc, 'dlrm': dlrm_table, 'fastest': fastest}))")
+ENERGY_RESULTS_CELL = ("import json\nprint(json.dumps({'python': sys.executable, 'decode': decode, "
+                       "'dcnv2': dcnv2}))")
 
 
 # ------------------------------------------------------------ the twin and the notebook
 
-def test_notebook_is_in_sync_with_its_twin():
-    assert NOTEBOOK.read_text() == build_notebooks.render(TWIN), \
-        "examples/compare_dtypes.ipynb is stale: run python examples/build_notebooks.py"
+@pytest.mark.parametrize("twin, notebook", [(TWIN, NOTEBOOK), (ENERGY_TWIN, ENERGY_NOTEBOOK)],
+                         ids=["compare_dtypes", "energy_per_token"])
+def test_notebook_is_in_sync_with_its_twin(twin, notebook):
+    assert notebook.read_text() == build_notebooks.render(twin), \
+        f"examples/{notebook.name} is stale: run python examples/build_notebooks.py"
+
+
+def test_every_twin_is_built():
+    twins = {path.stem for path in (ROOT / "examples").glob("*.py")
+             if path.read_text().startswith(build_notebooks.MARKDOWN_MARKER)}
+    assert twins == set(build_notebooks.NOTEBOOKS)
+    assert build_notebooks.main(["--check"]) == 0
 
 
 def test_parse_splits_percent_cells():
@@ -67,21 +83,33 @@ def _kernel_dir(root: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def executed(tmp_path_factory):
-    """(the executed notebook, the results the notebook computed)."""
-    nb = build_notebooks.build(TWIN)
-    nb.cells.append(nbformat.v4.new_code_cell(RESULTS_CELL))
+def _execute(twin: Path, results_cell: str, jupyter: Path, **env_vars):
+    """Run the notebook of ``twin`` with ``results_cell`` appended, in
+    examples/: (the executed notebook, the JSON the last cell printed)."""
+    nb = build_notebooks.build(twin)
+    nb.cells.append(nbformat.v4.new_code_cell(results_cell))
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # the kernel's inline plots
-    env["COMPARE_DTYPES_SIZE"] = "small"
+    env.update(env_vars)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     client = NotebookClient(nb, kernel_name=KERNEL, timeout=300, startup_timeout=120,
                             resources={"metadata": {"path": str(ROOT / "examples")}})
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JUPYTER_PATH", str(_kernel_dir(tmp_path_factory.mktemp("jupyter"))))
+        mp.setenv("JUPYTER_PATH", str(_kernel_dir(jupyter)))
         client.execute(env=env)
     stdout = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.get("name") == "stdout")
     return nb, json.loads(stdout)
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """(the executed dtype notebook, the results the notebook computed)."""
+    return _execute(TWIN, RESULTS_CELL, tmp_path_factory.mktemp("jupyter"), COMPARE_DTYPES_SIZE="small")
+
+
+@pytest.fixture(scope="module")
+def executed_energy(tmp_path_factory):
+    """(the executed energy notebook, its decode and DCNv2 rows)."""
+    return _execute(ENERGY_TWIN, ENERGY_RESULTS_CELL, tmp_path_factory.mktemp("jupyter"))
 
 
 def _rows(results, key, **match):
@@ -198,3 +226,68 @@ def test_fastest_policy_table_picks_the_minimum(executed):
         times = {r["policy"]: r[column] for r in _rows(results, key, chip=row["chip"])}
         assert row["ms"] == min(times.values()) == times[row["fastest policy"]]
         np.testing.assert_allclose(row["x vs bf16"], times["bf16"] / row["ms"])
+
+
+# ------------------------------------------------------------ the energy notebook
+
+MTIA = ("mtia400", "mtia450", "mtia500")
+GPUS = ("h100", "h200")
+
+
+def test_energy_notebook_runs_with_a_plot_and_labelled_tables(executed_energy):
+    nb, results = executed_energy
+    assert results["python"] == sys.executable
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if "image/png" in o.get("data", {})]
+    assert len(images) == 1
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    for words in ("power model (assumptions): idle = 30% of TDP", "60% compute / 40% HBM",
+                  "Llama-3-70B decode, batch 64, KV cache 2048, TP8 (modeled)", "J/token", "tokens/J",
+                  "tokens/s/dev", "mJ/sample", "idle 15 %", "idle 45 %", "compute 40 %", "compute 80 %"):
+        assert words in text, words
+    # every table and figure title says modeled
+    titles = [line for line in text.splitlines() if line.startswith(("Llama-3-70B", "DLRM-DCNv2", "J/token of",
+                                                                      "mJ/sample of", "order of"))]
+    assert len(titles) == 5 and all("(modeled)" in t for t in titles), titles
+    # bf16 on every chip, MX4 on the chips with MX matrix engines only
+    assert sorted((r["chip"], r["dtype"]) for r in results["decode"]) == sorted(
+        [(c, "bf16") for c in MTIA + GPUS] + [(c, "MX4") for c in MTIA])
+    assert [r["chip"] for r in results["dcnv2"]] == list(MTIA + GPUS)
+
+
+def test_energy_notebook_figures_are_the_power_model_of_fresh_estimates(executed_energy):
+    _, results = executed_energy
+    batch, tp = 64, 8
+    for chip, policy, dtype in (("mtia450", mtia_jax.PrecisionPolicy(weights="mx4", activations="mx8"), "MX4"),
+                                ("h200", None, "bf16")):
+        cfg = tf.Config.preset("llama3-70b")
+        mesh = tf.tensor_parallel_mesh(cfg, 1, tp, chip=chip)
+        pspecs, cspecs, tspec = tf.shardings(cfg, mesh, batch)
+        report = mtia_jax.estimate(functools.partial(tf.decode, cfg), tf.param_shapes(cfg),
+                                   jax.ShapeDtypeStruct((batch,), jnp.int32), tf.cache_shapes(cfg, batch, 2048),
+                                   chip=chip, mesh=mesh, in_shardings=(pspecs, tspec, cspecs),
+                                   donate_argnums=(2,), precision=policy)
+        row = _rows(results, "decode", chip=chip, dtype=dtype)[0]
+        per_token = lambda **moved: power.energy(report.cost, report.chip, **moved).joules * tp / batch
+        np.testing.assert_allclose(row["step ms"], report.time_s * 1e3, rtol=1e-9)
+        np.testing.assert_allclose(row["tokens/s/dev"], batch / report.time_s / tp, rtol=1e-9)
+        np.testing.assert_allclose(row["J/token"], per_token(), rtol=1e-9)
+        np.testing.assert_allclose(row["J/token idle45"], per_token(idle_fraction=0.45), rtol=1e-9)
+        np.testing.assert_allclose(row["J/token comp80"], per_token(compute_share=0.8), rtol=1e-9)
+
+
+def test_energy_notebook_rows_are_consistent(executed_energy):
+    _, results = executed_energy
+    for row in results["decode"]:
+        np.testing.assert_allclose(row["tokens/J"] * row["J/token"], 1.0, rtol=1e-12)
+        # more idle power, more energy; decode streams bytes more than it computes,
+        # so moving the dynamic power toward compute makes it cheaper
+        assert row["J/token idle15"] < row["J/token"] < row["J/token idle45"], row
+        assert row["J/token comp80"] < row["J/token"] < row["J/token comp40"], row
+        assert 0 <= row["launch %"] <= 100
+    for row in results["dcnv2"]:
+        np.testing.assert_allclose(row["samples/J"] * row["mJ/sample"], 1e3, rtol=1e-12)
+        assert row["mJ/sample idle15"] < row["mJ/sample"] < row["mJ/sample idle45"], row
+    for chip in MTIA:  # MX4 weights: fewer bytes per step, less energy per token
+        mx4, bf16 = (_rows(results, "decode", chip=chip, dtype=d)[0]["J/token"] for d in ("MX4", "bf16"))
+        assert mx4 < bf16, chip
