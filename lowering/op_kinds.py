@@ -79,8 +79,8 @@ _GROUPS = {
     # mtia-jax's own primitives (``mtia_jax.primitives``): the operations MTIA
     # has dedicated hardware for; work rules in ``runtime.accelerated``
     "accelerated": (
-        "mx_matmul", "flash_attention", "rms_norm", "layer_norm", "swiglu", "moe_ffn",
-        "embedding_bag",
+        "mx_matmul", "flash_attention", "paged_attention", "rms_norm", "layer_norm", "swiglu",
+        "moe_ffn", "embedding_bag",
         # moe_ffn split over the experts (expert parallelism): its per-device kernels
         "moe_dispatch", "moe_experts", "moe_combine",
         # a user's Pallas kernel (``lowering.pallas``): one opaque kernel, costed

@@ -33,7 +33,8 @@ _LAZY = {
     "errors": ("mtia_jax.errors", None),
     "primitives": ("mtia_jax.primitives", None),
     **{name: ("mtia_jax.primitives", name) for name in (
-        "mx_matmul", "flash_attention", "rms_norm", "layer_norm", "swiglu", "moe_ffn", "embedding_bag")},
+        "mx_matmul", "flash_attention", "paged_attention", "rms_norm", "layer_norm", "swiglu",
+        "moe_ffn", "embedding_bag")},
 }
 
 __all__ = sorted(_LAZY)

@@ -8,8 +8,8 @@
 The dtype pass (``lowering.passes.precision``) rewrites each ``dot_general``
 with a parameter (weight) operand into an ``mx_matmul`` with the policy's
 formats, gives ``swiglu`` and ``moe_ffn`` kernels with weight operands the
-same formats, and ``flash_attention`` the KV-cache format, with no change to
-user code.
+same formats, and ``flash_attention`` and ``paged_attention`` the KV-cache
+format, with no change to user code.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ class PrecisionPolicy:
       accum: accumulation dtype (MX dot products accumulate in float32).
       attention: also rewrite matmuls whose operands are both activations
         (attention scores and values); off by default.
-      kv_cache: MX format of the keys and values ``flash_attention`` reads
-        (a KV cache stored in MX, e.g. ``"mx8"``); ``None`` keeps their dtype.
+      kv_cache: MX format of the keys and values ``flash_attention`` and
+        ``paged_attention`` read (a KV cache stored in MX, e.g. ``"mx8"``);
+        ``None`` keeps their dtype.
     """
 
     weights: str | None = None

@@ -40,7 +40,8 @@ def _the(module, kind):
 
 
 def test_kernel_formats_table():
-    assert set(KERNEL_FORMATS) == {"swiglu", "moe_ffn", "moe_experts", "flash_attention"}
+    assert set(KERNEL_FORMATS) == {"swiglu", "moe_ffn", "moe_experts", "flash_attention",
+                                   "paged_attention"}
 
 
 # ------------------------------------------------------------ swiglu

@@ -52,7 +52,8 @@ heads assumes they come in that order; when the QK batch dimensions are not
 two, the attention is described as ``batch=1`` and ``heads`` = the product
 of the batch dimensions, which gives the same counts.
 
-Ops of the ``flash_attention`` primitive get their ``q_block`` here too.
+Ops of the ``flash_attention`` and ``paged_attention`` primitives get their
+``q_block`` here too.
 """
 
 from __future__ import annotations
@@ -648,8 +649,13 @@ def _find_matches(graph: _Graph, chip) -> list[_Match]:
     return matches
 
 
+# attention primitives whose cost reads the query block of the compile's chip
+PRIMITIVE_KINDS = frozenset({"flash_attention", "paged_attention"})
+
+
 def _annotate_primitive(op: Op, chip) -> Op:
-    """A ``flash_attention`` primitive op with its query block on ``chip``."""
+    """A ``flash_attention`` or ``paged_attention`` primitive op with its
+    query block on ``chip``."""
     query, _, value = (v.type for v in op.operands[:3])
     block = query_block_rows(chip, query.shape[-1], value.shape[-1],
                              np.dtype(query.dtype).itemsize)
@@ -662,7 +668,7 @@ def rewrite(module: Module, chip=None) -> Module:
     for op in module.ops:
         if op.kind in REGION_KINDS:  # control flow: its bodies may hold attentions too
             op = dataclasses.replace(op, regions={k: rewrite(r, chip) for k, r in op.regions.items()})
-        elif op.kind == "flash_attention" and op.primitive is not None and chip is not None:
+        elif op.kind in PRIMITIVE_KINDS and op.primitive is not None and chip is not None:
             op = _annotate_primitive(op, chip)
         ops.append(op)
     module = Module(module.name, module.params, ops, module.outputs)

@@ -24,6 +24,9 @@ table of rules keyed by op kind or category:
   padding, reversal, sorting and scans along a dim keep the other dims split;
   scatters keep their batching dims and whole window dims split (a KV-cache
   write stays on each device's sequences and heads);
+- attention (``flash_attention``, ``paged_attention``) keeps its batch or
+  query tokens and its heads split (heads only when the mesh axis divides the
+  K/V heads too); a paged KV pool split by blocks is gathered;
 - embedding lookups (``gather``, ``embedding_bag``) from tables split
   table-, row- or column-wise: ``partition_embedding``;
 - ``moe_ffn`` (expert parallelism: all-to-all dispatch and return) and
@@ -377,6 +380,46 @@ def _flash_attention_rule(p: Partitioner, op: Op) -> None:
     p.same_op(op, operands, [(b, None, n, None)])
 
 
+def _heads_split(p: Partitioner, n, heads: int, kv_heads: int):
+    """(query heads, K/V heads) entries of a split of the query heads over
+    ``n``, or (None, None) when it does not divide both (as for ``flash_attention``)."""
+    if n is None:
+        return None, None
+    n_kv = n if kv_heads % p.mesh[n] == 0 else _kv_heads_split(p, n, kv_heads)
+    if n_kv is None or heads % p.mesh[n]:
+        return None, None
+    return n, n_kv
+
+
+def _paged_attention_rule(p: Partitioner, op: Op) -> None:
+    """``paged_attention`` q (N, heads, H), pools (num_blocks, bs, K, H): the
+    heads split as ``flash_attention``'s (q's split, else the pools' K/V-head
+    split; only when the mesh axes divide both head counts); the query tokens
+    N keep a split (seq_ids and positions follow it: each device attends its
+    tokens over the whole block tables). Pool blocks, block positions, head
+    dims and the block tables are replicated: a pool split by blocks is
+    gathered (a sequence's blocks may sit anywhere in the pool), which is
+    correct and visible in ``as_text()``."""
+    q, k_pool, v_pool, tables, seq_ids, positions = op.operands
+    for v in op.operands:
+        p.resolve(v)
+    heads, kv_heads = q.type.shape[1], k_pool.type.shape[2]
+    n, n_kv = _heads_split(p, p.spec[q][1], heads, kv_heads)
+    if n is None:  # q's heads whole: the pools' K/V-head split, when q's heads can follow it
+        pool_axis = p.spec[k_pool][2]
+        if pool_axis is not None and p.spec[v_pool][2] == pool_axis:
+            n, n_kv = _heads_split(p, pool_axis, heads, kv_heads)
+            if n_kv != pool_axis:
+                n = n_kv = None
+    t = p.spec[q][0]
+    if t is not None and (not p.fits(q.type.shape[0], t) or overlaps(t, (n, n_kv))):
+        t = None
+    operands = [p.to_spec(q, (t, n, None)), p.to_spec(k_pool, (None, None, n_kv, None)),
+                p.to_spec(v_pool, (None, None, n_kv, None)), p.replicated(tables),
+                p.to_spec(seq_ids, (t,)), p.to_spec(positions, (t,))]
+    p.same_op(op, operands, [(t, n, None)])
+
+
 def _kv_heads_split(p: Partitioner, n, kv_heads: int):
     """Query heads split over several axes, K/V heads fewer than the devices:
     the major axes that give each device exactly one K/V head (the one its
@@ -536,6 +579,7 @@ RULES_BY_KIND: dict[str, Callable[[Partitioner, Op], None]] = {
         lambda op: {d for d, (n, k) in enumerate(zip(op.operands[0].type.shape, op.operands[1].type.shape))
                     if n != k}),
     "flash_attention": _flash_attention_rule,
+    "paged_attention": _paged_attention_rule,
     **{k: _scatter_rule for k in ("scatter", "scatter-add", "scatter-sub", "scatter-mul",
                                   "scatter-min", "scatter-max")},
     "rms_norm": _norm_rule,

@@ -41,8 +41,9 @@ primitive's params; its reference rounds the operands, its cost rule reads
 them packed at the format's rate): ``swiglu`` whose two weights are
 weights (``x_format`` = activations, ``w_format`` = weights), ``moe_ffn``
 and the expert-parallel ``moe_experts`` whose expert weights are weights,
-and every ``flash_attention`` primitive under ``policy.kv_cache``
-(``kv_format``: the keys and values, blocks along the head dimension).
+and every ``flash_attention`` and ``paged_attention`` primitive under
+``policy.kv_cache`` (``kv_format``: the keys and values, or the KV pools,
+blocks along the head dimension).
 
 Left unchanged: integer or mixed-kind products, products with batch
 dimensions (a batched weight, as in an MoE expert einsum, or attention
@@ -177,6 +178,7 @@ KERNEL_FORMATS = {
     "moe_ffn": _weight_formats(slice(2, 5)),
     "moe_experts": _weight_formats(slice(1, 4)),
     "flash_attention": _kv_formats,
+    "paged_attention": _kv_formats,
 }
 
 

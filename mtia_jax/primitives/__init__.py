@@ -11,6 +11,8 @@ from mtia_jax.primitives.flash_attention import flash_attention
 from mtia_jax.primitives.moe_ffn import moe_ffn
 from mtia_jax.primitives.mx_matmul import mx_matmul
 from mtia_jax.primitives.norms import layer_norm, rms_norm
+from mtia_jax.primitives.paged_attention import paged_attention
 from mtia_jax.primitives.swiglu import swiglu
 
-__all__ = ["embedding_bag", "flash_attention", "layer_norm", "moe_ffn", "mx_matmul", "rms_norm", "swiglu"]
+__all__ = ["embedding_bag", "flash_attention", "layer_norm", "moe_ffn", "mx_matmul", "paged_attention",
+           "rms_norm", "swiglu"]

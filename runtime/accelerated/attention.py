@@ -1,4 +1,4 @@
-"""Work rule for ``flash_attention`` (see ``runtime.accelerated``).
+"""Work rules for ``flash_attention`` and ``paged_attention`` (see ``runtime.accelerated``).
 
 Two ops have kind ``flash_attention``: the primitive
 (``mtia_jax.primitives.flash_attention``: query (B, T, N, H), key/value
@@ -35,6 +35,29 @@ FlashAttention kernel:
   memory next to double-buffered K/V tiles (assumption: each PE streams its
   own K/V from HBM; no broadcast of K/V tiles across PEs is modeled). The
   attention pass records it for the compile's chip as ``attrs["q_block"]``.
+
+``paged_attention`` (``mtia_jax.primitives.paged_attention``: q (N, heads, H)
+of N tokens of B sequences, K/V pools (num_blocks, bs, K, H), block tables
+(B, W), seq_ids and positions (N,)) is priced as one FlashAttention kernel
+that walks each sequence's blocks once for all its query tokens:
+
+- FLOPs = 4·N·heads·(W·bs)·H: every query is charged its table's full width
+  W·bs (positions are runtime values, as lengths against a KV cache are for
+  ``flash_attention``); transcendentals = N·heads·W·bs, ``unit=
+  "flash_attention"``, matrix engine at q's dtype.
+- HBM bytes by touch: q; of each pool the B·W blocks the tables name, once
+  per step (B·W·bs·K·H elements, packed under a ``kv_format``), at most the
+  pool itself (a step that would read more streams the pool); the block
+  tables, seq_ids and positions; the output. The rest of the pool is not
+  read. Each block is one contiguous run at a data-dependent place: one
+  random access per block (none when the pool is streamed). Blocks are not
+  rounded up to access granules (a block of a real cache is kilobytes).
+  Every query is charged against all B tables' blocks: a per-device kernel
+  of a token-split step is charged the whole tables too (an upper bound).
+- ``bytes_saved_by_unit``: as ``flash_attention``'s, with the query rows of a
+  KV head of one sequence ``G·ceil(N / B)`` (the G = heads / K query heads of
+  a KV head times the tokens of an average sequence): a software kernel
+  re-reads a sequence's K/V blocks once per query block of those rows.
 """
 
 from __future__ import annotations
@@ -44,7 +67,7 @@ import math
 
 import numpy as np
 
-from lowering.ir import Op
+from lowering.ir import Op, TensorType
 from lowering.passes.attention import query_block_rows
 from runtime.accelerated.mx_matmul import packed_bytes
 from runtime.work import OpWork
@@ -148,4 +171,35 @@ def flash_attention_work(op: Op) -> OpWork:
                   unit="flash_attention", bytes_saved_by_unit=kv_bytes * (kv_passes - 1.0))
 
 
-RULES = {"flash_attention": flash_attention_work}
+def _pool_read(pool: TensorType, blocks: int, kv_format: str | None) -> tuple[int, int]:
+    """(bytes, random accesses) of reading ``blocks`` blocks of a KV ``pool``
+    (num_blocks, bs, K, H), packed in ``kv_format`` when given: one access per
+    block, or the whole pool streamed when that is no more."""
+    num_blocks, *block = pool.shape
+    walked = packed_bytes(TensorType((blocks, *block), pool.dtype), kv_format, -1)
+    whole = packed_bytes(pool, kv_format, -1)
+    return (whole, 0) if walked >= whole else (walked, blocks)
+
+
+def paged_attention_work(op: Op) -> OpWork:
+    """The ``OpWork`` of one ``paged_attention`` op (see the module docstring)."""
+    q, k_pool, v_pool, tables, seq_ids, positions = (v.type for v in op.operands)
+    n, heads, head_dim = q.shape
+    _, block_size, kv_heads, value_dim = v_pool.shape
+    batch, width = tables.shape
+    scores = float(n * heads * width * block_size)
+    kv_format = op.params.get("kv_format")
+    (k_bytes, k_accesses), (v_bytes, v_accesses) = (
+        _pool_read(pool, batch * width, kv_format) for pool in (k_pool, v_pool))
+    rows_per_kv_head = (heads // kv_heads) * math.ceil(n / batch)
+    q_block = _q_block(op, head_dim, value_dim, q.dtype)
+    kv_passes = max(math.ceil(rows_per_kv_head / q_block), 1)
+    return OpWork(flops=2.0 * scores * (head_dim + value_dim), transcendentals=scores,
+                  engine="matrix", dtype=np.dtype(q.dtype),
+                  reads=(q.nbytes, k_bytes, v_bytes, tables.nbytes, seq_ids.nbytes,
+                         positions.nbytes),
+                  unit="flash_attention", bytes_saved_by_unit=(k_bytes + v_bytes) * (kv_passes - 1.0),
+                  random_accesses=float(k_accesses + v_accesses))
+
+
+RULES = {"flash_attention": flash_attention_work, "paged_attention": paged_attention_work}
