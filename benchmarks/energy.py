@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mtia_jax  # noqa: E402
 from models import dlrm  # noqa: E402
 from models import transformer as tf  # noqa: E402
-from runtime import power  # noqa: E402
 
 CHIPS = ("mtia400", "mtia450", "mtia500", "h100", "h200")
 BATCH, CACHE, TP = 64, 2048, 8
