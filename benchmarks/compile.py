@@ -6,8 +6,9 @@ the first call, the wait a user has before a program's first answer.
 Cases: the unrolled plain-jnp transformer of ``programs.transformer`` (d=128,
 batch 2, sequence 64) at 1, 4, 16 and 32 layers, and the tiny serving engine
 (``models.serving.ServingEngine`` on the ``tiny`` preset: one request of 8
-prompt tokens and 2 new tokens, i.e. its prefill, cache insert and one decode
-step; against jax.jit, the same three programs called in the same order).
+prompt tokens and 2 new tokens, i.e. two calls of its paged step program,
+the prefill and one decode; against jax.jit, the same program called with
+the same arguments).
 
 Each measurement runs in a fresh Python process, so that no trace, XLA or
 mtia-jax cache of an earlier measurement is warm. In that process the
@@ -67,28 +68,27 @@ def _engine_seconds(which: str) -> float:
 
     cfg = tf.Config.preset("tiny")
     params = tf.Transformer(cfg, rngs=nnx.Rngs(0)).params()
-    prompt, new_tokens, slots, max_len = list(range(1, 9)), 2, 2, 32
+    prompt, new_tokens, max_len = list(range(1, 9)), 2, 32
     jax.block_until_ready(params)
     start = time.perf_counter()
     if which == "mtia":
-        engine = serving.ServingEngine(cfg, params, slots=slots, max_len=max_len)
+        engine = serving.ServingEngine(cfg, params, max_num_seqs=2, max_len=max_len)
         engine.submit(serving.Request(prompt, max_new_tokens=new_tokens))
         (result,) = engine.run()
         assert len(result.tokens) == new_tokens
         return time.perf_counter() - start
-    # the engine's three programs through jax.jit, called as the engine calls them
-    prefill = jax.jit(functools.partial(tf.prefill, cfg))
-    insert = jax.jit(serving._insert, donate_argnums=(0,))
-    decode = jax.jit(functools.partial(tf.decode, cfg), donate_argnums=(2,))
-    cache, one = tf.init_cache(cfg, slots, max_len), tf.init_cache(cfg, 1, max_len)
-    padded = np.zeros((1, 8), np.int32)
-    padded[0, :len(prompt)] = prompt
-    logits, one = prefill(params, jnp.asarray(padded), jnp.array([len(prompt)], jnp.int32), one)
-    first = int(np.argmax(np.asarray(logits)[0, len(prompt) - 1]))
-    cache = insert(cache, one, jnp.int32(0))
-    lengths = jnp.asarray(np.array([len(prompt), 0], np.int32))
-    logits, cache = decode(params, jnp.asarray(np.array([first, 0], np.int32)),
-                           {"k": cache["k"], "v": cache["v"], "lengths": lengths})
+    # the engine's step program through jax.jit, called as the engine calls it:
+    # 2 sequences of 32 positions in blocks of 16 (4 blocks); the request holds blocks 0, 1
+    step = jax.jit(functools.partial(tf.paged_step, cfg), donate_argnums=(7,))
+    pool = tf.init_kv_pool(cfg, 4, 16)
+    n = len(prompt)
+    i32 = lambda x: jnp.asarray(np.asarray(x, np.int32))
+    logits, pool = step(params, i32(prompt), i32(range(n)), i32(range(n)), i32([0] * n),
+                        i32([[0]]), i32([n - 1]), pool)
+    first = int(np.argmax(np.asarray(logits)[0]))
+    pad = [4 * 16] * (n - 1)  # padding tokens write nothing
+    logits, pool = step(params, i32([first] + [0] * (n - 1)), i32([n] + [0] * (n - 1)),
+                        i32([n] + pad), i32([0] * n), i32([[0]]), i32([0]), pool)
     int(np.argmax(np.asarray(logits)[0]))
     return time.perf_counter() - start
 

@@ -1,14 +1,16 @@
-"""Serve a Llama-style model with continuous batching on a modeled MTIA chip.
+"""Serve a Llama-style model with continuous batching over a paged KV cache on a
+modeled MTIA chip.
 
     python examples/serve_llama.py --preset tiny --chip mtia450 --dtype mx4 --requests 32
     python examples/serve_llama.py --preset tiny --mesh 1x8 --requests 8 --max-new-tokens 8
     python examples/serve_llama.py --preset llama3-70b --mesh 1x8 --request-rate 16 --requests 200
 
 Random prompts of varied lengths (from a seeded generator) go through
-``models.serving.ServingEngine``; a progress bar (on stderr) counts finished
-requests, with the decode steps run and the modeled tokens/s so far, and the
-summary prints host and modeled tokens/s, time to first token, inter-token
-latency p50/p99 and HBM use.
+``models.serving.ServingEngine`` (chunked prefill under a token budget,
+prefix caching, preemption when ``--num-blocks`` runs out); a progress bar
+(on stderr) counts finished requests, with the steps run and the modeled
+tokens/s so far, and the summary prints host and modeled tokens/s, time to
+first token, inter-token latency p50/p99, KV blocks and HBM use.
 ``--dtype`` bf16 runs the model's own dtype with no precision policy;
 mx8/mx6/mx4 store the matmul weights in that MX format with mx8 activations.
 
@@ -56,7 +58,7 @@ def run(engine: ServingEngine, requests: int) -> None:
         while not engine.done:
             finished = engine.step()
             stats = engine.stats()
-            bar.set_postfix_str(f"{stats.decode_steps} decode steps, modeled "
+            bar.set_postfix_str(f"{stats.steps} steps, modeled "
                                 f"{stats.modeled_tokens_per_s:,.0f} tokens/s")
             bar.update(len(finished))
 
@@ -86,8 +88,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="mx4", choices=sorted(POLICIES), help="weight format (default mx4)")
     ap.add_argument("--requests", type=int, default=32, help="number of requests (default 32)")
     ap.add_argument("--max-new-tokens", type=int, default=16, help="max new tokens per request (default 16)")
-    ap.add_argument("--slots", type=int, default=8, help="KV-cache slots = decode batch (default 8)")
-    ap.add_argument("--max-len", type=int, default=None, help="cache positions per slot (default: "
+    ap.add_argument("--max-num-seqs", type=int, default=8, help="most sequences per step (default 8)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=512,
+                    help="token budget of a step (default 512)")
+    ap.add_argument("--block-size", type=int, default=16, help="positions per KV block (default 16)")
+    ap.add_argument("--num-blocks", type=int, default=None,
+                    help="KV blocks in the pool (default: max-num-seqs sequences of max-len)")
+    ap.add_argument("--no-chunked-prefill", action="store_true", help="schedule each prompt whole")
+    ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--max-len", type=int, default=None, help="positions per sequence (default: "
                     "min(model max, 64))")
     ap.add_argument("--mesh", default=None, help="DxM logical mesh over ('data', 'model'), e.g. 1x8")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -97,8 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--request-rate", type=float, default=None,
                     help="requests/s of a Poisson load, served from shapes only (see above)")
     args = ap.parse_args(argv)
-    if args.requests < 1 or args.max_new_tokens < 1 or args.slots < 1:
-        ap.error("--requests, --max-new-tokens and --slots must be >= 1")
+    if args.requests < 1 or args.max_new_tokens < 1 or args.max_num_seqs < 1:
+        ap.error("--requests, --max-new-tokens and --max-num-seqs must be >= 1")
 
     cfg = tf.Config.preset(args.preset)
     formats = POLICIES[args.dtype]
@@ -116,8 +125,15 @@ def main(argv=None) -> int:
     if max_len - args.max_new_tokens < 1:
         ap.error(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in {max_len} positions")
     params = tf.init_params(cfg, jax.random.key(args.seed))
-    engine = ServingEngine(cfg, params, slots=args.slots, max_len=max_len, chip=args.chip,
-                           precision=policy, mesh=mesh)
+    try:
+        engine = ServingEngine(cfg, params, max_num_seqs=args.max_num_seqs,
+                               max_num_batched_tokens=args.max_num_batched_tokens, max_len=max_len,
+                               block_size=args.block_size, num_blocks=args.num_blocks,
+                               chunked_prefill=not args.no_chunked_prefill,
+                               prefix_caching=not args.no_prefix_caching, chip=args.chip,
+                               precision=policy, mesh=mesh)
+    except ValueError as e:
+        ap.error(str(e))
     rng = np.random.default_rng(args.seed)
     longest = min(max_len - args.max_new_tokens, 48)
     for i in range(args.requests):
@@ -128,8 +144,9 @@ def main(argv=None) -> int:
                                                       seed=args.seed + i)))
 
     print(f"serving {args.requests} requests: {args.preset} on {args.chip}"
-          f"{' mesh ' + args.mesh if mesh else ''}, dtype {args.dtype}, {args.slots} slots, "
-          f"max_len {max_len}", flush=True)
+          f"{' mesh ' + args.mesh if mesh else ''}, dtype {args.dtype}, up to {args.max_num_seqs} "
+          f"sequences per step, max_len {max_len}, {engine.num_blocks} KV blocks of {engine.block_size}",
+          flush=True)
     run(engine, args.requests)
     print(engine.stats().table())
     return 0

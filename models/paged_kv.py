@@ -8,9 +8,19 @@ blocks to physical ones.
     table = alloc.block_table(seq)     # physical block of each logical block
     alloc.free(seq)                    # its blocks return to the pool
 
-``paged_attention(q, k_pool, v_pool, block_tables, lengths)`` attends each
-sequence's query over the positions its block table holds; it equals
-attention over the same keys and values stored contiguously.
+Prefix caching (vLLM's automatic prefix caching). A full block is named by
+the hash of its tokens chained with its predecessor's hash
+(``block_hashes``), so equal hashes mean equal prefixes. Once its keys and
+values are computed, a sequence marks the block with its hash
+(``cache_block``); a later sequence whose prompt starts with the same blocks
+attaches them instead of computing them (``allocate(seq, n, prefix=hashes)``
+returns how many it attached). Blocks are reference counted; a freed block
+that holds a cached prefix stays cached until the pool needs it (free blocks
+without a prefix are handed out first, then cached ones, least recently
+freed first).
+
+``paged_attention`` (``mtia_jax.primitives``) attends each query token over
+its sequence's positions through the block table.
 
 A fixed-slot cache reserves the longest sequence's capacity for every
 sequence; a paged one holds ceil(length / block_size) blocks per sequence,
@@ -20,13 +30,13 @@ so a workload of mixed lengths fits many more sequences in the same HBM
 
 from __future__ import annotations
 
+import collections
 import math
-from typing import Hashable, Iterable
+from typing import Hashable, Iterable, Sequence
 
-import jax
 import jax.numpy as jnp
 
-from mtia_jax.primitives import flash_attention
+from mtia_jax.primitives.paged_attention import paged_attention
 
 DEFAULT_BLOCK_SIZE = 16  # tokens per block: vLLM's default
 
@@ -36,15 +46,33 @@ class OutOfBlocks(RuntimeError):
     preempts a sequence or waits)."""
 
 
+def block_hashes(tokens: Sequence[int], block_size: int, known: Sequence[int] = ()) -> list[int]:
+    """The hash of each full block of ``tokens``: its tokens chained with the
+    previous block's hash (so a block's hash names the whole prefix up to
+    it). ``known``: the hashes of the leading blocks, already computed."""
+    out = list(known)
+    parent = out[-1] if out else None
+    for start in range(len(out) * block_size, len(tokens) - block_size + 1, block_size):
+        parent = hash((parent, tuple(int(t) for t in tokens[start:start + block_size])))
+        out.append(parent)
+    return out
+
+
 class BlockAllocator:
-    """Fixed-size blocks of a KV pool handed to sequences and taken back."""
+    """Fixed-size, reference-counted blocks of a KV pool handed to sequences
+    and taken back, with a cache of full blocks by prefix hash."""
 
     def __init__(self, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"BlockAllocator: num_blocks and block_size must be >= 1, got "
                              f"{num_blocks}, {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: the lowest block is reused first
+        self._fresh = 0          # blocks >= this were never handed out
+        self._recycled: list[int] = []  # freed blocks holding no cached prefix: a stack
+        self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # free, cached
+        self._refs: dict[int, int] = {}  # held blocks -> how many sequences hold them
+        self._hash_of: dict[int, Hashable] = {}
+        self._block_of: dict[Hashable, int] = {}
         self._tables: dict[Hashable, list[int]] = {}
 
     def blocks_for(self, positions: int) -> int:
@@ -52,39 +80,104 @@ class BlockAllocator:
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks no sequence holds (cached prefixes among them)."""
+        return self.num_blocks - self._fresh + len(self._recycled) + len(self._evictable)
 
-    def can_allocate(self, seq: Hashable, positions: int) -> bool:
-        have = len(self._tables.get(seq, ()))
-        return self.blocks_for(positions) - have <= len(self._free)
+    @property
+    def cached_blocks(self) -> int:
+        return len(self._block_of)
 
-    def allocate(self, seq: Hashable, positions: int) -> list[int]:
-        """Grow ``seq``'s table to hold ``positions`` positions (never shrinks);
-        raises ``OutOfBlocks`` (allocating nothing) when the pool is short."""
+    def cached_prefix_blocks(self, prefix: Sequence[Hashable]) -> int:
+        """How many leading hashes of ``prefix`` name cached blocks."""
+        return len(self._cached_prefix(prefix))
+
+    def _cached_prefix(self, prefix: Sequence[Hashable]) -> list[int]:
+        blocks = []
+        for h in prefix:
+            block = self._block_of.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def _shortfall(self, seq: Hashable, positions: int, prefix: Sequence[Hashable]) -> tuple[int, list[int]]:
+        """(new blocks needed beyond the free ones, cached blocks to attach)."""
+        table = self._tables.get(seq)
+        attach = self._cached_prefix(prefix) if not table else []
+        attach = attach[:self.blocks_for(positions)]
+        held = len(table or ()) + len(attach)
+        revived = sum(b not in self._refs for b in attach)  # cached blocks taken off the free list
+        return self.blocks_for(positions) - held - (self.free_blocks - revived), attach
+
+    def can_allocate(self, seq: Hashable, positions: int, prefix: Sequence[Hashable] = ()) -> bool:
+        return self._shortfall(seq, positions, prefix)[0] <= 0
+
+    def allocate(self, seq: Hashable, positions: int, prefix: Sequence[Hashable] = ()) -> int:
+        """Grow ``seq``'s table to hold ``positions`` positions (never shrinks).
+        A sequence that holds no blocks yet first attaches the cached blocks
+        of the leading hashes of ``prefix`` (``block_hashes`` of its tokens);
+        returns how many it attached. Raises ``OutOfBlocks`` (changing
+        nothing) when the pool is short."""
         if positions < 0:
             raise ValueError(f"allocate: positions must be >= 0, got {positions}")
-        table = self._tables.get(seq, [])
-        need = self.blocks_for(positions) - len(table)
-        if need > len(self._free):
+        short, attach = self._shortfall(seq, positions, prefix)
+        if short > 0:
+            need = self.blocks_for(positions) - len(self._tables.get(seq, ())) - len(attach)
             raise OutOfBlocks(f"sequence {seq!r} needs {need} more blocks of {self.block_size} "
-                              f"positions; {len(self._free)} of {self.num_blocks} are free")
-        for _ in range(max(need, 0)):
-            table.append(self._free.pop())
-        self._tables[seq] = table
-        return list(table)
+                              f"positions; {self.free_blocks} of {self.num_blocks} are free")
+        table = self._tables.setdefault(seq, [])
+        for block in attach:
+            if block not in self._refs:
+                del self._evictable[block]
+            self._refs[block] = self._refs.get(block, 0) + 1
+            table.append(block)
+        while len(table) < self.blocks_for(positions):
+            table.append(self._take())
+        return len(attach)
+
+    def _take(self) -> int:
+        if self._recycled:
+            block = self._recycled.pop()
+        elif self._fresh < self.num_blocks:
+            block, self._fresh = self._fresh, self._fresh + 1
+        else:  # evict the least recently freed cached block
+            block, _ = self._evictable.popitem(last=False)
+            del self._block_of[self._hash_of.pop(block)]
+        self._refs[block] = 1
+        return block
+
+    def cache_block(self, seq: Hashable, index: int, block_hash: Hashable) -> None:
+        """Mark ``seq``'s logical block ``index`` (full, its keys and values
+        computed) as the cached block of ``block_hash``; a prefix already
+        cached in another block keeps that one."""
+        block = self._tables[seq][index]
+        if block_hash not in self._block_of and block not in self._hash_of:
+            self._hash_of[block], self._block_of[block_hash] = block_hash, block
 
     def free(self, seq: Hashable) -> None:
-        """Return ``seq``'s blocks to the pool; KeyError for a sequence that
-        holds none (freed twice, or never allocated)."""
+        """Return ``seq``'s blocks to the pool (a block shared with another
+        sequence stays with it); KeyError for a sequence that holds none
+        (freed twice, or never allocated)."""
         try:
             table = self._tables.pop(seq)
         except KeyError:
             raise KeyError(f"free: sequence {seq!r} holds no blocks (freed already, or never "
                            f"allocated)") from None
-        self._free.extend(reversed(table))
+        for block in reversed(table):  # a sequence's last blocks are the first to evict
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                del self._refs[block]
+                if block in self._hash_of:
+                    self._evictable[block] = None
+                else:
+                    self._recycled.append(block)
 
     def block_table(self, seq: Hashable) -> list[int]:
         return list(self._tables.get(seq, ()))
+
+    def refs(self, block: int) -> int:
+        """How many sequences hold ``block``."""
+        return self._refs.get(block, 0)
 
     @property
     def sequences(self) -> tuple:
@@ -98,26 +191,6 @@ class BlockAllocator:
         if any(len(t) > width for t in tables):
             raise ValueError(f"padded_tables: a table is longer than width {width}")
         return jnp.asarray([t + [0] * (width - len(t)) for t in tables], jnp.int32).reshape(len(tables), width)
-
-
-def paged_attention(q, k_pool, v_pool, block_tables, lengths, *, scale=None):
-    """Attention of ``q`` (B, T, N, H), the last T positions of each sequence
-    (causal among themselves), over the keys and values of a paged pool
-    ``k_pool``/``v_pool`` (num_blocks, block_size, K, H) through
-    ``block_tables`` (B, blocks) and valid ``lengths`` (B,): the gathered
-    blocks of each sequence, in table order, are its positions."""
-    b, t = q.shape[:2]
-    blocks, block_size = block_tables.shape[1], k_pool.shape[1]
-    k = jnp.take(k_pool, block_tables, axis=0).reshape(b, blocks * block_size, *k_pool.shape[2:])
-    v = jnp.take(v_pool, block_tables, axis=0).reshape(b, blocks * block_size, *v_pool.shape[2:])
-    lengths = jnp.asarray(lengths, jnp.int32)
-    if t == 1:  # decode: every valid position is visible
-        return flash_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths)
-    # the queries sit at positions lengths - T .. lengths - 1
-    rows = lengths[:, None] - t + jnp.arange(t)[None, :]                      # (B, T)
-    cols = jnp.arange(blocks * block_size)[None, None, :]                     # (1, 1, S)
-    mask = (cols <= rows[:, :, None]) & (cols < lengths[:, None, None])       # (B, T, S)
-    return flash_attention(q, k, v, scale=scale, mask=mask[:, None])
 
 
 def concurrent_sequences(lengths: Iterable[int], budget_positions: int, *, max_len: int,
@@ -140,4 +213,5 @@ def concurrent_sequences(lengths: Iterable[int], budget_positions: int, *, max_l
     return fixed, paged
 
 
-__all__ = ["BlockAllocator", "OutOfBlocks", "paged_attention", "concurrent_sequences", "DEFAULT_BLOCK_SIZE"]
+__all__ = ["BlockAllocator", "OutOfBlocks", "block_hashes", "paged_attention", "concurrent_sequences",
+           "DEFAULT_BLOCK_SIZE"]

@@ -1,7 +1,9 @@
-"""A serving engine for ``models.transformer``: a request queue and continuous
-batching over a fixed number of KV-cache slots, compiled with ``mtia_jax.jit``.
+"""A serving engine for ``models.transformer`` as vLLM runs one: a paged KV
+cache, continuous batching of prefill chunks and decode tokens under a
+per-step token budget, prefix caching and preemption, compiled with
+``mtia_jax.jit``.
 
-    engine = ServingEngine(cfg, params, slots=4, chip="mtia450",
+    engine = ServingEngine(cfg, params, chip="mtia450",
                            precision=mtia_jax.PrecisionPolicy(weights="mx4", activations="mx8"))
     engine.submit(Request(prompt=[1, 2, 3], max_new_tokens=16))
     engine.submit(Request(prompt=[4, 5], max_new_tokens=8,
@@ -9,22 +11,35 @@ batching over a fixed number of KV-cache slots, compiled with ``mtia_jax.jit``.
     results = engine.run()          # list of Result, in submission order
     print(engine.stats().table())   # host and modeled tokens/s, TTFT, ITL p50/p99, HBM
 
+The KV cache is one pool of ``num_blocks`` blocks of ``block_size``
+positions per layer (``models.transformer.init_kv_pool``); each sequence
+holds the blocks its positions need (``models.paged_kv.BlockAllocator``).
+
 How a step runs (``ServingEngine.step``):
 
-1. *Admit.* While a slot is free and the queue is not empty, the next request
-   is prefilled **alone** (batch 1, its prompt right-padded to a power-of-two
-   bucket of at least ``min_bucket`` positions so few programs are compiled)
-   into a batch-1 cache of the engine's capacity, and that cache is copied
-   into the free slot of the batch cache by a compiled ``insert`` program
-   (``lax.dynamic_update_slice`` along the batch axis). The cache layout is
-   ``models.transformer``'s: ``k``/``v`` (L, slots, S, K, H). The first new
-   token is sampled from the prefill's last-token logits.
-2. *Decode.* One ``decode`` call runs every slot, each at its own position
-   (``cache['lengths']``, tracked on the host; a free slot runs at position 0
-   and its result is ignored: its rows are overwritten by the next insert).
-3. *Retire.* A request finishes when it samples its EOS id (the EOS token is
-   kept as its last token) or has ``max_new_tokens`` tokens; its slot is
-   reused at the next admission.
+1. *Schedule* (``models.scheduler``, vLLM's scheduler): running sequences
+   first, each with its uncomputed tokens (one when decoding; the rest of
+   a chunked prompt), then queued requests first come first served, up to
+   ``max_num_seqs`` sequences and ``max_num_batched_tokens`` tokens. A
+   request's prompt blocks already in the prefix cache are attached, not
+   computed (``prefix_caching``, default on); a prompt that does not fit
+   the budget is split over steps (``chunked_prefill``, default on) or
+   waits. When the pool runs out of blocks the most recently admitted
+   sequence is preempted and later recomputed (prompt and generated
+   tokens); its tokens do not change, its sampler state is kept.
+2. *Run* one program (``models.transformer.paged_step``): every
+   scheduled token of every sequence, flattened into one ragged batch,
+   writes its key and value into the pool and attends through its
+   sequence's block table (``paged_attention``).
+3. *Sample*: a sequence whose tokens are all computed samples its next
+   token from its last token's logits; a request finishes on its EOS id or
+   ``max_new_tokens`` tokens, and its blocks return to the pool (full
+   blocks stay in the prefix cache).
+
+Programs are compiled per power-of-two bucket of the step's tokens (at least
+``min_bucket``), sequences and block-table width, so few are built.
+Greedy tokens equal each request run alone (``transformer.prefill`` and
+``decode`` at batch 1) however the steps batch, chunk, cache or preempt it.
 
 Sampling runs on the host from the float32 logits, one ``numpy`` generator
 per request seeded by ``SamplingParams.seed``, so a request's tokens do not
@@ -32,33 +47,34 @@ depend on which other requests share its batch. Its cost is not modeled.
 
 Figures. *Host* figures are wall clock on this machine (compilation time is
 reported apart and excluded from host tokens/s: each program's first call,
-which builds the host program, counts as compilation). *Modeled* figures follow a
-modeled clock that advances by each compiled call's
-``cost_analysis()["time_s"]`` on the chosen chip (per device on a mesh), in
-the order the engine issues them, with every request arriving at the clock
-value when it is submitted: time to first token (TTFT) = first-token time -
-arrival (queueing, its prefill and insert included); inter-token latency
-(ITL) = the gap between consecutive tokens of a request (one decode step,
-plus the prefills of requests admitted in between, which stall the batch);
-modeled tokens/s = generated tokens / modeled elapsed time. HBM = the
-weights (matmul weights in the policy's MX format, packed) + the KV cache.
+which builds the host program, counts as compilation). *Modeled* figures
+follow a modeled clock that advances by each step program's
+``cost_analysis()["time_s"]`` on the chosen chip (per device on a mesh),
+with every request arriving at the clock value when it is submitted: time to
+first token (TTFT) = first-token time - arrival; inter-token latency (ITL) =
+the gap between consecutive tokens of a request (one step, which may carry
+prefill chunks of other requests); modeled tokens/s = generated tokens /
+modeled elapsed time. HBM = the weights (matmul weights in the policy's MX
+format, packed) + the KV pool.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
 import time
-from collections import deque
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from models import transformer as tf
+from models.paged_kv import DEFAULT_BLOCK_SIZE
+from models.scheduler import Scheduler, Sequence
 from mtia_jax import api, mx
 from mtia_jax.precision import PrecisionPolicy
 
@@ -131,14 +147,15 @@ class Result:
         return list(np.diff(self.token_times_s))
 
 
-@dataclasses.dataclass
-class _Active:
-    request: Request
-    rng: np.random.Generator
-    eos_id: int | None
-    arrival_s: float
-    tokens: list[int] = dataclasses.field(default_factory=list)
-    times: list[float] = dataclasses.field(default_factory=list)
+class _Sequence(Sequence):
+    """A request the engine holds: the scheduler's view of it (its prompt,
+    then generated tokens, in ``token_ids``) and what it has produced."""
+
+    def __init__(self, request: Request, rng: np.random.Generator, eos_id: int | None, arrival_s: float):
+        super().__init__(request.id, len(request.prompt), request.prompt)
+        self.request, self.rng, self.eos_id, self.arrival_s = request, rng, eos_id, arrival_s
+        self.generated: list[int] = []
+        self.times: list[float] = []
 
 
 # ------------------------------------------------------------ sampling
@@ -234,11 +251,13 @@ class ServingStats:
 
     chip: str
     devices: int
-    slots: int
+    max_num_seqs: int
     requests: int
     generated_tokens: int
-    prefill_calls: int
-    decode_steps: int
+    steps: int
+    computed_tokens: int          # tokens whose keys/values a step computed
+    prefix_cached_tokens: int     # prompt tokens taken from the prefix cache instead
+    preemptions: int
     host_wall_s: float
     host_compile_s: float
     modeled_time_s: float
@@ -248,6 +267,9 @@ class ServingStats:
     itl_p99_s: float
     weights_bytes: int
     kv_cache_bytes: int
+    num_blocks: int
+    block_size: int
+    peak_blocks: int              # most blocks held at once
 
     @property
     def host_tokens_per_s(self) -> float:
@@ -268,16 +290,18 @@ class ServingStats:
         per = " per device" if self.devices > 1 else ""
         ms = lambda s: f"{s * 1e3:.4g} ms"
         rows = [
-            ("requests", f"{self.requests} ({self.generated_tokens} tokens generated, "
-                         f"{self.prefill_calls} prefills, {self.decode_steps} decode steps, "
-                         f"{self.slots} slots)"),
+            ("requests", f"{self.requests} ({self.generated_tokens} tokens generated in {self.steps} "
+                         f"steps, at most {self.max_num_seqs} sequences per step)"),
             ("tokens/s", f"host {self.host_tokens_per_s:,.1f} (wall, excl. {self.host_compile_s:.2f} s "
                          f"compile) | modeled {self.modeled_tokens_per_s:,.1f} on {where}"),
             ("modeled time", ms(self.modeled_time_s)),
             ("TTFT (modeled)", f"p50 {ms(self.ttft_p50_s)}  p99 {ms(self.ttft_p99_s)}"),
             ("ITL (modeled)", f"p50 {ms(self.itl_p50_s)}  p99 {ms(self.itl_p99_s)}"),
+            ("KV blocks", f"{self.num_blocks} of {self.block_size} positions, at most {self.peak_blocks} "
+                          f"held; {self.computed_tokens} tokens computed, {self.prefix_cached_tokens} "
+                          f"from the prefix cache; {self.preemptions} preemptions"),
             ("HBM" + per, f"{self.hbm_bytes:,} B = weights {self.weights_bytes:,} B "
-                          f"+ KV cache {self.kv_cache_bytes:,} B"),
+                          f"+ KV pool {self.kv_cache_bytes:,} B"),
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -285,12 +309,9 @@ class ServingStats:
 
 # ------------------------------------------------------------ the engine
 
-def _insert(cache: dict, one: dict, slot):
-    """``cache`` with batch-1 cache ``one``'s k/v written into batch row ``slot``."""
-    start = (0, slot, 0, 0, 0)
-    return {"k": lax.dynamic_update_slice(cache["k"], one["k"].astype(cache["k"].dtype), start),
-            "v": lax.dynamic_update_slice(cache["v"], one["v"].astype(cache["v"].dtype), start),
-            "lengths": cache["lengths"]}
+# compiled programs shared by every engine of the same model, chip, policy and
+# mesh: (program name, cfg, chip, precision, mesh, input shapes) -> Compiled
+_COMPILED: dict = {}
 
 
 class _Program:
@@ -304,10 +325,15 @@ class _Program:
                               in_shardings=in_shardings, mesh=engine.mesh if in_shardings else None,
                               donate_argnums=donate_argnums)
         self.compiled: dict = {}
+        self.calls: collections.Counter = collections.Counter()  # input shapes -> calls
+
+    def _shared(self, key):
+        e = self.engine
+        return (self.name, e.cfg, self.jitted._resolve_chip().name, e.precision, e.mesh, key)
 
     def __call__(self, *args):
         key = tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(args))
-        compiled = self.compiled.get(key)
+        compiled = self.compiled.get(key) or _COMPILED.get(self._shared(key))
         if compiled is None:
             start = time.perf_counter()
             try:
@@ -318,87 +344,130 @@ class _Program:
                 raise ValueError(f"ServingEngine: the {self.name} program could not be sharded on "
                                  f"the mesh {dict(zip(self.engine.mesh.axis_names, self.engine.mesh.axis_sizes))}"
                                  f" with the model's shardings: {type(e).__name__}: {e}") from e
-            self.compiled[key] = compiled
+            self.compiled[key] = _COMPILED[self._shared(key)] = compiled
             out = compiled(*args)  # the host program is built at its first call: count it here
             jax.block_until_ready(out)
             self.engine._compile_s += time.perf_counter() - start
         else:
+            self.compiled[key] = compiled
             out = compiled(*args)
+        self.calls[key] += 1
         self.engine._clock += compiled.cost_analysis()["time_s"]
         return out
 
 
+def _pow2(n: int, least: int = 1) -> int:
+    return max(least, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _check_count(name: str, value, least: int) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+        raise ValueError(f"ServingEngine: {name} must be an int >= {least}, got {value!r}")
+
+
 class ServingEngine:
-    """Continuous batching of ``models.transformer`` over ``slots`` KV-cache slots.
+    """Continuous batching of ``models.transformer`` over a paged KV cache.
 
     Args:
       cfg, params: the model (params may hold MXArrays).
-      slots: how many requests decode together (the decode batch).
-      max_len: KV-cache positions per slot (default ``cfg.max_seq_len``); a
+      max_num_seqs: the most sequences a step runs (default 8; vLLM's 256
+        is for a real chip's HBM, this engine runs on the host).
+      max_num_batched_tokens: the step's token budget (default 512).
+      max_len: positions per sequence (default ``cfg.max_seq_len``); a
         request needs ``len(prompt) + max_new_tokens <= max_len``.
+      block_size: positions per KV block (default 16, vLLM's).
+      num_blocks: blocks in the pool (default: enough for ``max_num_seqs``
+        sequences of ``max_len`` positions, so nothing is preempted; fewer
+        blocks fit the same requests when they are shorter, and preempt
+        when they are not). At least one ``max_len`` sequence must fit.
+      chunked_prefill: split a prompt over steps to fit the token budget
+        (default True); off, a prompt is scheduled whole and waits for a
+        step with budget for all of it (then ``max_num_batched_tokens`` must
+        be at least ``max_len``).
+      prefix_caching: reuse the cached blocks of prompts that start alike
+        (default True).
       chip: the modeled chip (``mtia_jax.chips`` name or ChipSpec).
       precision: an optional ``mtia_jax.PrecisionPolicy`` for every program.
-      mesh: an optional ``mtia_jax.make_mesh`` mesh; programs are partitioned
-        with ``models.transformer.shardings`` and modeled per device.
+      mesh: an optional ``mtia_jax.make_mesh`` mesh; the step is partitioned
+        with ``models.transformer.pool_shardings`` and modeled per device.
       eos_id: the default end-of-sequence id (None: stop on length only).
-      min_bucket: the smallest padded prompt length of a prefill.
+      min_bucket: the fewest tokens a step program is compiled for.
     """
 
-    def __init__(self, cfg: tf.Config, params: dict, *, slots: int = 4, max_len: int | None = None,
-                 chip="mtia450", precision: PrecisionPolicy | None = None, mesh=None,
-                 eos_id: int | None = None, min_bucket: int = 8):
+    def __init__(self, cfg: tf.Config, params: dict, *, max_num_seqs: int = 8,
+                 max_num_batched_tokens: int = 512, max_len: int | None = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE, num_blocks: int | None = None,
+                 chunked_prefill: bool = True, prefix_caching: bool = True, chip="mtia450",
+                 precision: PrecisionPolicy | None = None, mesh=None, eos_id: int | None = None,
+                 min_bucket: int = 8):
         if not isinstance(cfg, tf.Config):
             raise TypeError(f"ServingEngine: cfg must be a models.transformer.Config, got {type(cfg).__name__}")
-        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
-            raise ValueError(f"ServingEngine: slots must be an int >= 1, got {slots!r}")
+        _check_count("max_num_seqs", max_num_seqs, 1)
+        _check_count("max_num_batched_tokens", max_num_batched_tokens, 1)
+        _check_count("block_size", block_size, 1)
+        _check_count("min_bucket", min_bucket, 1)
         max_len = cfg.max_seq_len if max_len is None else max_len
         if not isinstance(max_len, int) or not 2 <= max_len <= cfg.max_seq_len:
             raise ValueError(f"ServingEngine: max_len must be an int in [2, cfg.max_seq_len = "
                              f"{cfg.max_seq_len}], got {max_len!r}")
+        per_seq = -(-max_len // block_size)
+        num_blocks = max_num_seqs * per_seq if num_blocks is None else num_blocks
+        _check_count("num_blocks", num_blocks, 1)
+        if num_blocks < per_seq:
+            raise ValueError(f"ServingEngine: num_blocks = {num_blocks} cannot hold one sequence of "
+                             f"max_len = {max_len} positions ({per_seq} blocks of {block_size}); "
+                             f"raise num_blocks or lower max_len")
+        if not chunked_prefill and max_num_batched_tokens < max_len:
+            raise ValueError(f"ServingEngine: without chunked_prefill a prompt (or a preempted "
+                             f"sequence) runs in one step, so max_num_batched_tokens = "
+                             f"{max_num_batched_tokens} must be >= max_len = {max_len}")
         if precision is not None and not isinstance(precision, PrecisionPolicy):
             raise TypeError(f"ServingEngine: precision must be a PrecisionPolicy or None, got "
                             f"{type(precision).__name__}")
         if eos_id is not None and not 0 <= eos_id < cfg.vocab:
             raise ValueError(f"ServingEngine: eos_id must be in [0, vocab = {cfg.vocab}), got {eos_id!r}")
-        if not isinstance(min_bucket, int) or min_bucket < 1:
-            raise ValueError(f"ServingEngine: min_bucket must be an int >= 1, got {min_bucket!r}")
         expected = jax.tree.map(lambda s: tuple(s.shape), tf.param_shapes(cfg))
         got = jax.tree.map(lambda a: tuple(a.shape), params, is_leaf=lambda a: isinstance(a, mx.MXArray))
         if got != expected:
             raise ValueError(f"ServingEngine: params shapes {got} do not match the config's {expected}")
-        self.cfg, self.params, self.slots, self.max_len = cfg, params, slots, max_len
+        self.cfg, self.params, self.max_len = cfg, params, max_len
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.chunked_prefill, self.prefix_caching = bool(chunked_prefill), bool(prefix_caching)
         self.chip, self.precision, self.mesh = chip, precision, mesh
         self.eos_id, self.min_bucket = eos_id, min_bucket
 
-        self.cache = tf.init_cache(cfg, slots, max_len)
-        self._empty_one = tf.init_cache(cfg, 1, max_len)
+        self.scheduler = Scheduler(num_blocks, block_size, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens,
+                                   chunked_prefill=self.chunked_prefill, prefix_caching=self.prefix_caching)
+        self.blocks = self.scheduler.blocks
+        self.pool = tf.init_kv_pool(cfg, num_blocks, block_size)
         if mesh is not None:
-            pspecs, cspecs, tspec = tf.shardings(cfg, mesh, slots)
-            pspecs1, cspecs1, tspec1 = tf.shardings(cfg, mesh, 1)
-            pre_sh, dec_sh = (pspecs1, tspec1, None, cspecs1), (pspecs, tspec, cspecs)
-            ins_sh = (cspecs, cspecs1, None)
+            pspecs, pool_specs = tf.pool_shardings(cfg, mesh)
+            step_sh = (pspecs, *(P(),) * 6, pool_specs)
             self.devices = math.prod(mesh.axis_sizes)
         else:
-            pspecs = cspecs = pre_sh = dec_sh = ins_sh = None
+            pspecs = pool_specs = step_sh = None
             self.devices = 1
-        self._prefill = _Program("prefill", functools.partial(tf.prefill, cfg), self, pre_sh)
-        # the KV cache is donated: decode writes each step's rows and insert a
-        # prefilled sequence in place, as a serving engine's cache does
-        self._decode = _Program("decode", functools.partial(tf.decode, cfg), self, dec_sh,
-                                donate_argnums=(2,))
-        self._insert = _Program("insert", _insert, self, ins_sh, donate_argnums=(0,))
+        # the pool is donated: a step writes its tokens' rows in place
+        self._step = _Program("step", functools.partial(tf.paged_step, cfg), self, step_sh,
+                              donate_argnums=(7,))
         self.weights_bytes = weight_bytes(params, precision, pspecs, mesh)
-        self.kv_cache_bytes = kv_cache_bytes(self.cache, cspecs, mesh)
+        self.kv_cache_bytes = kv_cache_bytes(self.pool, pool_specs, mesh)
 
-        self._queue: deque[tuple[Request, float]] = deque()
-        self._active: list[_Active | None] = [None] * slots
-        self._positions = np.zeros(slots, np.int32)  # valid cache positions per slot (host copy)
         self._results: dict[int, Result] = {}
         self._next_id = 0
         self._clock = 0.0        # modeled seconds
         self._compile_s = 0.0    # host seconds spent compiling
         self._wall_s = 0.0       # host seconds inside step()
-        self._prefills = self._decodes = 0
+        self._steps = self._computed = 0
+
+    @property
+    def block_size(self) -> int:
+        return self.blocks.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks.num_blocks
 
     # ---------------------------------------------------------------- queue
 
@@ -418,7 +487,7 @@ class ServingEngine:
             raise ValueError(f"ServingEngine.submit: max_new_tokens must be an int >= 1, got {n!r}")
         if prompt.size + n > self.max_len:
             raise ValueError(f"ServingEngine.submit: len(prompt) + max_new_tokens = {prompt.size} + {n} "
-                             f"exceeds the cache capacity max_len = {self.max_len}")
+                             f"exceeds the engine's max_len = {self.max_len}")
         if not isinstance(request.sampling, SamplingParams):
             raise TypeError(f"ServingEngine.submit: sampling must be a SamplingParams, got "
                             f"{type(request.sampling).__name__}")
@@ -427,86 +496,89 @@ class ServingEngine:
                              f"got {request.eos_id!r}")
         request = dataclasses.replace(request, prompt=[int(t) for t in prompt], id=self._next_id)
         self._next_id += 1
-        self._queue.append((request, self._clock))
+        eos = request.eos_id if request.eos_id is not None else self.eos_id
+        self.scheduler.add(_Sequence(request, np.random.default_rng(request.sampling.seed), eos, self._clock))
         return request.id
 
     @property
     def pending(self) -> int:
-        """Requests queued, not yet admitted."""
-        return len(self._queue)
+        """Requests queued (or preempted), not running."""
+        return len(self.scheduler.waiting)
 
     @property
     def active(self) -> int:
-        """Requests holding a slot."""
-        return sum(a is not None for a in self._active)
+        """Requests running (holding KV blocks)."""
+        return len(self.scheduler.running)
 
     @property
     def done(self) -> bool:
-        return not self._queue and not self.active
+        return self.scheduler.done
 
     # ---------------------------------------------------------------- steps
 
-    def _bucket(self, n: int) -> int:
-        return min(self.max_len, max(self.min_bucket, 1 << (n - 1).bit_length()))
+    def _batch(self, scheduled: list[tuple[Sequence, int]]) -> tuple:
+        """The step program's arguments for ``scheduled``, padded to buckets."""
+        bs, nb = self.block_size, self.num_blocks
+        total = sum(n for _, n in scheduled)
+        n_pad = _pow2(total, self.min_bucket)
+        b_pad = _pow2(len(scheduled))
+        tables = [self.blocks.block_table(seq.id) for seq, _ in scheduled]
+        w_pad = _pow2(max(len(t) for t in tables))
+        tokens = np.zeros(n_pad, np.int32)
+        positions = np.zeros(n_pad, np.int32)
+        slots = np.full(n_pad, nb * bs, np.int32)     # padding tokens write nothing
+        seq_ids = np.zeros(n_pad, np.int32)
+        last = np.zeros(b_pad, np.int32)
+        table = np.zeros((b_pad, w_pad), np.int32)
+        at = 0
+        for row, ((seq, n), blocks) in enumerate(zip(scheduled, tables)):
+            pos = np.arange(seq.computed, seq.computed + n)
+            tokens[at:at + n] = seq.token_ids[seq.computed:seq.computed + n]
+            positions[at:at + n] = pos
+            slots[at:at + n] = np.asarray(blocks)[pos // bs] * bs + pos % bs
+            seq_ids[at:at + n] = row
+            last[row] = at + n - 1
+            table[row, :len(blocks)] = blocks
+            at += n
+        return tuple(jnp.asarray(a) for a in (tokens, positions, slots, seq_ids, table, last))
 
-    def _emit(self, slot_or_none, state: _Active, logits) -> bool:
-        """Sample and record a token; True (and the Result stored) if the request finished."""
-        token = sample(logits, state.request.sampling, state.rng)
-        state.tokens.append(token)
-        state.times.append(self._clock)
-        reason = ("eos" if state.eos_id is not None and token == state.eos_id else
-                  "length" if len(state.tokens) >= state.request.max_new_tokens else None)
-        if reason is None:
-            return False
-        r = state.request
-        self._results[r.id] = Result(r.id, list(r.prompt), state.tokens, reason, state.arrival_s, state.times)
-        if slot_or_none is not None:
-            self._active[slot_or_none] = None
-            self._positions[slot_or_none] = 0
-        return True
-
-    def _admit(self, slot: int) -> None:
-        request, arrival = self._queue.popleft()
-        n = len(request.prompt)
-        padded = np.zeros((1, self._bucket(n)), np.int32)
-        padded[0, :n] = request.prompt
-        lengths = jnp.array([n], jnp.int32)
-        logits, one = self._prefill(self.params, jnp.asarray(padded), lengths, self._empty_one)
-        self._prefills += 1
-        eos = request.eos_id if request.eos_id is not None else self.eos_id
-        state = _Active(request, np.random.default_rng(request.sampling.seed), eos, arrival)
-        first = np.asarray(logits)[0, n - 1]  # the last prompt position's logits
-        self.cache = self._insert(self.cache, one, jnp.int32(slot))
-        if not self._emit(None, state, first):
-            self._active[slot] = state
-            self._positions[slot] = n
+    def _emit(self, seq: _Sequence, token: int) -> None:
+        """Record a sampled token; a finished request frees its blocks and stores its Result."""
+        seq.generated.append(token)
+        seq.append(token)
+        seq.times.append(self._clock)
+        reason = ("eos" if seq.eos_id is not None and token == seq.eos_id else
+                  "length" if len(seq.generated) >= seq.request.max_new_tokens else None)
+        if reason is not None:
+            r = seq.request
+            self._results[r.id] = Result(r.id, list(r.prompt), seq.generated, reason, seq.arrival_s,
+                                         seq.times)
+            self.scheduler.finish(seq)
 
     def step(self) -> list[Result]:
-        """Admit queued requests into free slots, then one decode step of the
-        active batch; returns the requests that finished during the step."""
+        """Schedule, run one step program, sample; returns the requests that
+        finished during the step."""
         start = time.perf_counter()
         before = set(self._results)
-        for slot in range(self.slots):
-            while self._active[slot] is None and self._queue:
-                self._admit(slot)  # a request finished by its first token frees the slot again
-        if self.active:
-            tokens = np.array([a.tokens[-1] if a is not None else 0 for a in self._active], np.int32)
-            cache = {"k": self.cache["k"], "v": self.cache["v"],
-                     "lengths": jnp.asarray(self._positions)}
-            logits, cache = self._decode(self.params, jnp.asarray(tokens), cache)
-            self._decodes += 1
-            self.cache = cache
-            logits = np.asarray(logits)
-            for slot, state in enumerate(self._active):
-                if state is not None:
-                    self._positions[slot] += 1
-                    self._emit(slot, state, logits[slot])
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            if not self.done:
+                raise RuntimeError("ServingEngine: no sequence could be scheduled; the pool or the "
+                                   "token budget is too small for the queued requests")
+            return []
+        logits, self.pool = self._step(self.params, *self._batch(scheduled), self.pool)
+        self._steps += 1
+        self._computed += sum(n for _, n in scheduled)
+        logits = np.asarray(logits)
+        rows = {id(seq): row for row, (seq, _) in enumerate(scheduled)}
+        for seq in self.scheduler.update(scheduled):
+            self._emit(seq, sample(logits[rows[id(seq)]], seq.request.sampling, seq.rng))
         self._wall_s += time.perf_counter() - start
         return [self._results[i] for i in sorted(set(self._results) - before)]
 
     def run(self, on_finish: Callable[[Result], None] | None = None) -> list[Result]:
-        """Step until the queue is empty and every slot is free; returns every
-        finished request in submission order. ``on_finish`` is called with each
+        """Step until every request has finished; returns every finished
+        request in submission order. ``on_finish`` is called with each
         Result as it finishes (e.g. for progress)."""
         while not self.done:
             for result in self.step():
@@ -520,11 +592,13 @@ class ServingEngine:
         results = list(self._results.values())
         ttft = [r.ttft_s for r in results]
         itl = [x for r in results for x in r.itl_s]
-        chip = self._decode.jitted._resolve_chip().name
+        chip = self._step.jitted._resolve_chip().name
         return ServingStats(
-            chip=chip, devices=self.devices, slots=self.slots, requests=len(results),
-            generated_tokens=sum(len(r.tokens) for r in results), prefill_calls=self._prefills,
-            decode_steps=self._decodes, host_wall_s=self._wall_s, host_compile_s=self._compile_s,
+            chip=chip, devices=self.devices, max_num_seqs=self.max_num_seqs, requests=len(results),
+            generated_tokens=sum(len(r.tokens) for r in results), steps=self._steps,
+            computed_tokens=self._computed, prefix_cached_tokens=self.scheduler.prefix_cached_tokens,
+            preemptions=self.scheduler.preemptions, host_wall_s=self._wall_s, host_compile_s=self._compile_s,
             modeled_time_s=self._clock, ttft_p50_s=_pct(ttft, 50), ttft_p99_s=_pct(ttft, 99),
             itl_p50_s=_pct(itl, 50), itl_p99_s=_pct(itl, 99), weights_bytes=self.weights_bytes,
-            kv_cache_bytes=self.kv_cache_bytes)
+            kv_cache_bytes=self.kv_cache_bytes, num_blocks=self.num_blocks,
+            block_size=self.block_size, peak_blocks=self.scheduler.peak_blocks)

@@ -64,6 +64,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from models import presets
+from models.paged_kv import paged_attention
 from mtia_jax import mx
 from mtia_jax.primitives.flash_attention import flash_attention
 from mtia_jax.primitives.moe_ffn import moe_ffn
@@ -72,7 +73,7 @@ from mtia_jax.primitives.norms import rms_norm
 from mtia_jax.primitives.swiglu import swiglu
 
 __all__ = ["Config", "PRESETS", "Transformer", "init_cache", "forward", "prefill", "decode",
-           "write_kv_rows",
+           "write_kv_rows", "write_kv_slots", "paged_step", "init_kv_pool", "pool_shardings",
            "rope_frequencies", "apply_rope", "params_of", "param_shapes", "cache_shapes",
            "logical_axes", "shardings", "init_params", "SHARDING_RULES", "last_token_logits"]
 
@@ -452,6 +453,89 @@ def decode(cfg: Config, params: dict, tokens, cache: dict):
     return _logits(cfg, params, x)[:, 0], {"k": ks, "v": vs, "lengths": visible}
 
 
+def write_kv_slots(pool, layer, rows, slots):
+    """A paged ``pool`` (L, num_blocks, block_size, K, H) with ``rows`` (N, K, H)
+    written at ``[layer, slots[i] // block_size, slots[i] % block_size]``: one
+    row per token, in place when the pool buffer may be overwritten. A slot
+    past the pool (a padding token's, ``num_blocks * block_size``) is not written."""
+    n, block_size = rows.shape[0], pool.shape[2]
+    slots = slots.astype(jnp.int32)
+    index = jnp.stack([jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (n,)),
+                       slots // block_size, slots % block_size], axis=1)  # (N, 3)
+    dims = lax.ScatterDimensionNumbers(update_window_dims=(1, 2), inserted_window_dims=(0, 1, 2),
+                                       scatter_dims_to_operand_dims=(0, 1, 2))
+    return lax.scatter(pool, index, rows.astype(pool.dtype), dims, unique_indices=True,
+                       mode=lax.GatherScatterMode.FILL_OR_DROP)
+
+
+def _check_pool(fn: str, cfg: Config, pool: dict):
+    for name in ("k", "v"):
+        shape = tuple(pool[name].shape)
+        if len(shape) != 5 or (shape[0], shape[3], shape[4]) != (cfg.layers, cfg.kv_heads, cfg.head_dim):
+            raise ValueError(f"{fn}: pool[{name!r}] has shape {shape}; expected (L, num_blocks, "
+                             f"block_size, K, H) = ({cfg.layers}, num_blocks, block_size, "
+                             f"{cfg.kv_heads}, {cfg.head_dim})")
+
+
+def paged_step(cfg: Config, params: dict, tokens, positions, slots, seq_ids, block_tables, last,
+               pool: dict):
+    """One serving step over a paged KV pool, as vLLM runs one: the tokens
+    scheduled this step, of any mix of sequences (prefill chunks and decode
+    tokens alike), flattened into one ragged batch.
+
+    Args:
+      tokens, positions, slots, seq_ids: (N,) int32: each token's id, its
+        position in its sequence, the pool slot its key/value is written to
+        (``block * block_size + offset``; ``num_blocks * block_size`` for a
+        padding token: not written) and its sequence's row of ``block_tables``.
+      block_tables: (B, W) int32: each sequence's physical blocks.
+      last: (B,) int32: the index in the N tokens of each sequence's last token.
+      pool: ``k``, ``v`` (L, num_blocks, block_size, K, H) (``init_kv_pool``).
+
+    Each layer writes the step's keys and values into the pool, then every
+    token attends its sequence's positions 0..position through the block
+    table (``paged_attention``), so the tokens of a chunk see each other
+    causally and everything cached before. Returns the logits (B, vocab)
+    float32 at each sequence's last token, and the pool (donate it: a step
+    moves one row per token and layer)."""
+    tokens = _check_tokens("paged_step", tokens, 1, "(N,)")
+    _check_pool("paged_step", cfg, pool)
+    n = tokens.shape[0]
+    positions = jnp.asarray(positions, jnp.int32)
+    slots, seq_ids = jnp.asarray(slots, jnp.int32), jnp.asarray(seq_ids, jnp.int32)
+    block_tables, last = jnp.asarray(block_tables, jnp.int32), jnp.asarray(last, jnp.int32)
+
+    def layer(carry, xs):
+        x, pk, pv = carry
+        w, index = xs
+        h = rms_norm(x, w["attn_norm"], eps=cfg.norm_eps)
+        q, k, v = _qkv(cfg, w, h, positions[:, None])
+        pk = write_kv_slots(pk, index, k[:, 0], slots)
+        pv = write_kv_slots(pv, index, v[:, 0], slots)
+        keys = lax.dynamic_index_in_dim(pk, index, 0, keepdims=False)
+        values = lax.dynamic_index_in_dim(pv, index, 0, keepdims=False)
+        attn = paged_attention(q[:, 0], keys.astype(q.dtype), values.astype(q.dtype), block_tables,
+                               seq_ids, positions)
+        x = x + _dense(attn.reshape(n, 1, cfg.heads * cfg.head_dim), w["wo"])
+        x = x + _mlp(cfg, w, rms_norm(x, w["mlp_norm"], eps=cfg.norm_eps))
+        return (x, pk, pv), None
+
+    x = _embed(params, tokens)[:, None, :]
+    layers = jnp.arange(cfg.layers, dtype=jnp.int32)
+    (x, pk, pv), _ = lax.scan(layer, (x, pool["k"], pool["v"]), (params["layers"], layers))
+    return _logits(cfg, params, jnp.take(x[:, 0], last, axis=0)), {"k": pk, "v": pv}
+
+
+def init_kv_pool(cfg: Config, num_blocks: int, block_size: int, dtype=None) -> dict:
+    """An empty paged KV pool: ``k``, ``v`` (L, num_blocks, block_size, K, H)."""
+    if num_blocks < 1 or block_size < 1:
+        raise ValueError(f"init_kv_pool: num_blocks and block_size must be >= 1, got {num_blocks}, "
+                         f"{block_size}")
+    shape = (cfg.layers, num_blocks, block_size, cfg.kv_heads, cfg.head_dim)
+    dtype = cfg.param_dtype if dtype is None else jnp.dtype(dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
 def last_token_logits(logits, lengths):
     """The logits (B, vocab) at each sequence's last valid position of prefill logits (B, T, vocab)."""
     return jnp.take_along_axis(logits, (jnp.asarray(lengths) - 1)[:, None, None], axis=1)[:, 0]
@@ -605,6 +689,7 @@ _MOE_AXES = {"router": ("layers", "embed", "router_experts"),
              "w_gate": ("layers", "experts", "embed", "expert_ffn"),
              "w_up": ("layers", "experts", "embed", "expert_ffn"),
              "w_down": ("layers", "experts", "expert_ffn", "embed")}
+_POOL_AXES = ("layers", "blocks", "block_positions", "kv_heads", "head_dim")
 _CACHE_AXES = {"k": ("layers", "batch", "seq", "kv_heads", "head_dim"),
                "v": ("layers", "batch", "seq", "kv_heads", "head_dim"), "lengths": ("batch",)}
 
@@ -670,6 +755,25 @@ def shardings(cfg: Config, mesh, batch: int, rules: dict | None = None) -> tuple
     ``SHARDING_RULES``); it stays replicated when the mesh lacks the axis,
     the axis has size 1, or its size does not divide the logical extent
     (e.g. 8 KV heads over a 16-way "model" axis: use ``tensor_parallel_mesh``)."""
+    spec = _spec_maker(cfg, mesh, batch, rules)
+    param_axes, cache_axes = logical_axes(cfg)
+    is_axes = lambda x: isinstance(x, tuple)
+    return (jax.tree.map(spec, param_axes, is_leaf=is_axes),
+            jax.tree.map(spec, cache_axes, is_leaf=is_axes), spec(("batch",)))
+
+
+def pool_shardings(cfg: Config, mesh, rules: dict | None = None) -> tuple[dict, dict]:
+    """PartitionSpecs of (params, paged KV pool) on ``mesh``: the pool's KV
+    heads split as the contiguous cache's are; its blocks stay whole (every
+    device holds its heads of every block), and the step's tokens replicated."""
+    spec = _spec_maker(cfg, mesh, 1, rules)
+    param_axes, _ = logical_axes(cfg)
+    pool = spec(_POOL_AXES)
+    return jax.tree.map(spec, param_axes, is_leaf=lambda x: isinstance(x, tuple)), {"k": pool, "v": pool}
+
+
+def _spec_maker(cfg: Config, mesh, batch: int, rules: dict | None):
+    """The PartitionSpec of a tuple of logical axes on ``mesh`` (see ``shardings``)."""
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     if rules is None:
         rules = GROUPED_KV_RULES if "rep" in sizes else SHARDING_RULES
@@ -687,7 +791,4 @@ def shardings(cfg: Config, mesh, batch: int, rules: dict | None = None) -> tuple
             used.update(names if ok else ())
         return P(*out)
 
-    param_axes, cache_axes = logical_axes(cfg)
-    is_axes = lambda x: isinstance(x, tuple)
-    return (jax.tree.map(spec, param_axes, is_leaf=is_axes),
-            jax.tree.map(spec, cache_axes, is_leaf=is_axes), spec(("batch",)))
+    return spec

@@ -14,17 +14,15 @@ TINY = tf.Config.preset("tiny")
 
 @dataclasses.dataclass
 class FixedTimes:
-    """Decode steps cost ``d``, prefill ``p`` per token: costs a hand can add up."""
+    """A step costs ``fixed`` (its weights) plus ``per_token`` per scheduled
+    token: costs a hand can add up."""
 
-    d: float = 0.01
-    p: float = 0.001
+    fixed: float = 0.01
+    per_token: float = 0.001
     estimates: int = 0
 
-    def decode(self, batch, context):
-        return self.d
-
-    def prefill(self, tokens):
-        return self.p * tokens
+    def step(self, tokens, seqs, width):
+        return self.fixed + self.per_token * tokens
 
 
 def _sim(**kw):
@@ -36,25 +34,26 @@ def _sim(**kw):
 def test_three_requests_by_hand():
     reqs = [load.LoadRequest(0.0, 10, 3), load.LoadRequest(0.0, 6, 2), load.LoadRequest(1.0, 4, 1)]
     result = _sim(max_num_batched_tokens=64).run(reqs)
-    # step 1 at t=0: both prompts (16 tokens) prefill together: 0.016; each samples its first token
-    # step 2: both decode: +0.01 -> 0.026; request 1 is done (2 tokens)
-    # step 3: request 0 decodes: 0.036, done (3 tokens); the clock idles to request 2's arrival
-    # step 4 at t=1.0: its 4-token prompt: 1.004, done (1 token)
+    # step 1 at t=0: both prompts (16 tokens) prefill together: 0.026; each samples its first token
+    # step 2: both decode (2 tokens): +0.012 -> 0.038; request 1 is done (2 tokens)
+    # step 3: request 0 decodes: +0.011 -> 0.049, done (3 tokens); the clock idles to request 2
+    # step 4 at t=1.0: its 4-token prompt: 1.014, done (1 token)
     m = result.metrics
     assert m.requests == 3 and m.output_tokens == 6 and result.steps == 4
-    assert m.ttft.p50 == pytest.approx(0.016) and m.ttft.mean == pytest.approx((0.016 * 2 + 0.004) / 3)
-    assert m.e2e.mean == pytest.approx((0.036 + 0.026 + 0.004) / 3)
-    assert m.makespan_s == pytest.approx(1.004)
-    assert m.tpot.mean == pytest.approx(((0.036 - 0.016) / 2 + 0.01) / 2)
+    assert m.ttft.p50 == pytest.approx(0.026) and m.ttft.mean == pytest.approx((0.026 * 2 + 0.014) / 3)
+    assert m.e2e.mean == pytest.approx((0.049 + 0.038 + 0.014) / 3)
+    assert m.makespan_s == pytest.approx(1.014)
+    assert m.tpot.mean == pytest.approx(((0.049 - 0.026) / 2 + (0.038 - 0.026)) / 2)
 
 
 def test_chunked_prefill_spreads_a_long_prompt_over_steps_beside_decodes():
     reqs = [load.LoadRequest(0.0, 4, 4), load.LoadRequest(0.0, 40, 1)]
     chunked = _sim(max_num_batched_tokens=16).run(reqs)
-    # step 1: the short prompt (4) and 12 tokens of the long one; then 1 decode + 15, 1 + 13:
-    # the long prompt's first token comes at the end of step 3
+    # step 1: the short prompt (4) and 12 tokens of the long one: 0.026; then 1 decode + 15
+    # (0.052), 1 + 13 (0.076): the long prompt's first token; then one decode (0.087)
     assert chunked.metrics.requests == 2 and chunked.steps == 4
-    assert chunked.metrics.ttft.mean == pytest.approx((0.016 + (0.016 + 0.025 + 0.023)) / 2)
+    assert chunked.metrics.ttft.mean == pytest.approx((0.026 + 0.076) / 2)
+    assert chunked.metrics.makespan_s == pytest.approx(0.087)
     # without chunking a prompt longer than the step's token budget can never run: a clear error
     with pytest.raises(RuntimeError, match="40 prompt tokens cannot be scheduled"):
         _sim(max_num_batched_tokens=16, chunked_prefill=False).run(reqs)
@@ -67,8 +66,8 @@ def test_running_out_of_kv_blocks_preempts_and_every_request_still_finishes():
     assert result.metrics.requests == 6 and result.metrics.output_tokens == 6 * 24
 
 
-def test_step_times_come_from_estimates_and_are_cached():
-    times = StepTimes(TINY, chip="mtia450")
-    a, b = times.decode(3, 100), times.decode(4, 200)  # both bucket to (4, 256)
+def test_step_times_come_from_paged_step_estimates_and_are_cached():
+    times = StepTimes(TINY, chip="mtia450", kv_blocks=64, block_size=4)
+    a, b = times.step(3, 2, 5), times.step(9, 2, 7)  # both bucket to (16 tokens, 2, 8 blocks)
     assert a == b and times.estimates == 1
-    assert times.decode(64, 256) > a and times.prefill(64) > times.prefill(16) > 0
+    assert times.step(256, 2, 8) > a and times.step(16, 2, 64) > a > 0

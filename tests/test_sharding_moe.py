@@ -257,7 +257,7 @@ def test_tiny_llama_and_its_serving_engine_under_mx4_on_a_mesh_equal_unsharded(t
     # w_down's (128) splits into whole blocks of 32: a partial sum, so the logits equal the
     # unsharded ones up to the order of a float32 sum over 4 devices (reassociation).
     pspecs, _, tspec = tf.shardings(TINY, MESH, batch=2)
-    engine = ServingEngine(TINY, tiny_params, slots=2, max_len=16, precision=POLICY, mesh=MESH)
+    engine = ServingEngine(TINY, tiny_params, max_num_seqs=2, max_len=16, block_size=4, precision=POLICY, mesh=MESH)
     prompts = [([3, 1, 4, 1, 5], 3), ([9, 2], 4)]
     for prompt, n in prompts:
         engine.submit(Request(prompt=prompt, max_new_tokens=n))
