@@ -257,6 +257,16 @@ def _logits(cfg: Config, params: dict, x):
     return _dense(x, head).astype(jnp.float32)
 
 
+def _layer(cfg: Config, w: dict, x, positions, attend):
+    """One decoder block of hidden states ``x`` (B, T, D) at ``positions``
+    (B, T): ``attend(q, k, v)`` -> (B, T, N, H) is its attention (causal over
+    the block's own keys, or writing them to a cache and reading it)."""
+    b, t, _ = x.shape
+    q, k, v = _qkv(cfg, w, rms_norm(x, w["attn_norm"], eps=cfg.norm_eps), positions)
+    x = x + _dense(attend(q, k, v).reshape(b, t, cfg.heads * cfg.head_dim), w["wo"])
+    return x + _mlp(cfg, w, rms_norm(x, w["mlp_norm"], eps=cfg.norm_eps))
+
+
 def _check_tokens(name: str, tokens, ndim: int, what: str):
     tokens = jnp.asarray(tokens)
     if tokens.ndim != ndim or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -291,13 +301,14 @@ def _run_layers(cfg: Config, layers: dict, x, lengths):
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
     def layer(x, w):
-        h = rms_norm(x, w["attn_norm"], eps=cfg.norm_eps)
-        q, k, v = _qkv(cfg, w, h, positions)
-        attn = flash_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
-                               key_value_seq_lengths=lengths)
-        x = x + _dense(attn.reshape(b, t, cfg.heads * cfg.head_dim), w["wo"])
-        x = x + _mlp(cfg, w, rms_norm(x, w["mlp_norm"], eps=cfg.norm_eps))
-        return x, (k, v)
+        kv = []
+
+        def attend(q, k, v):
+            kv.extend((k, v))
+            return flash_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
+                                   key_value_seq_lengths=lengths)
+
+        return _layer(cfg, w, x, positions, attend), tuple(kv)
 
     x, (ks, vs) = lax.scan(layer, x, layers)
     return x, ks, vs
@@ -435,16 +446,17 @@ def decode(cfg: Config, params: dict, tokens, cache: dict):
     def layer(carry, xs):
         x, ck, cv = carry
         w, index = xs
-        h = rms_norm(x, w["attn_norm"], eps=cfg.norm_eps)
-        q, k, v = _qkv(cfg, w, h, pos[:, None])
-        ck = write_kv_rows(ck, index, k[:, 0], pos)
-        cv = write_kv_rows(cv, index, v[:, 0], pos)
-        keys = lax.dynamic_index_in_dim(ck, index, 0, keepdims=False)
-        values = lax.dynamic_index_in_dim(cv, index, 0, keepdims=False)
-        attn = flash_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
-                               key_value_seq_lengths=visible)
-        x = x + _dense(attn.reshape(b, 1, cfg.heads * cfg.head_dim), w["wo"])
-        x = x + _mlp(cfg, w, rms_norm(x, w["mlp_norm"], eps=cfg.norm_eps))
+
+        def attend(q, k, v):
+            nonlocal ck, cv
+            ck = write_kv_rows(ck, index, k[:, 0], pos)
+            cv = write_kv_rows(cv, index, v[:, 0], pos)
+            keys = lax.dynamic_index_in_dim(ck, index, 0, keepdims=False)
+            values = lax.dynamic_index_in_dim(cv, index, 0, keepdims=False)
+            return flash_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
+                                   key_value_seq_lengths=visible)
+
+        x = _layer(cfg, w, x, pos[:, None], attend)
         return (x, ck, cv), None
 
     x = _embed(params, tokens)[:, None, :]
@@ -500,7 +512,6 @@ def paged_step(cfg: Config, params: dict, tokens, positions, slots, seq_ids, blo
     moves one row per token and layer)."""
     tokens = _check_tokens("paged_step", tokens, 1, "(N,)")
     _check_pool("paged_step", cfg, pool)
-    n = tokens.shape[0]
     positions = jnp.asarray(positions, jnp.int32)
     slots, seq_ids = jnp.asarray(slots, jnp.int32), jnp.asarray(seq_ids, jnp.int32)
     block_tables, last = jnp.asarray(block_tables, jnp.int32), jnp.asarray(last, jnp.int32)
@@ -508,16 +519,17 @@ def paged_step(cfg: Config, params: dict, tokens, positions, slots, seq_ids, blo
     def layer(carry, xs):
         x, pk, pv = carry
         w, index = xs
-        h = rms_norm(x, w["attn_norm"], eps=cfg.norm_eps)
-        q, k, v = _qkv(cfg, w, h, positions[:, None])
-        pk = write_kv_slots(pk, index, k[:, 0], slots)
-        pv = write_kv_slots(pv, index, v[:, 0], slots)
-        keys = lax.dynamic_index_in_dim(pk, index, 0, keepdims=False)
-        values = lax.dynamic_index_in_dim(pv, index, 0, keepdims=False)
-        attn = paged_attention(q[:, 0], keys.astype(q.dtype), values.astype(q.dtype), block_tables,
-                               seq_ids, positions)
-        x = x + _dense(attn.reshape(n, 1, cfg.heads * cfg.head_dim), w["wo"])
-        x = x + _mlp(cfg, w, rms_norm(x, w["mlp_norm"], eps=cfg.norm_eps))
+
+        def attend(q, k, v):
+            nonlocal pk, pv
+            pk = write_kv_slots(pk, index, k[:, 0], slots)
+            pv = write_kv_slots(pv, index, v[:, 0], slots)
+            keys = lax.dynamic_index_in_dim(pk, index, 0, keepdims=False)
+            values = lax.dynamic_index_in_dim(pv, index, 0, keepdims=False)
+            return paged_attention(q[:, 0], keys.astype(q.dtype), values.astype(q.dtype),
+                                   block_tables, seq_ids, positions)[:, None]
+
+        x = _layer(cfg, w, x, positions[:, None], attend)
         return (x, pk, pv), None
 
     x = _embed(params, tokens)[:, None, :]
