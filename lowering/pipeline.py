@@ -33,6 +33,9 @@ class PassContext:
     in_specs: Any = None
     out_specs: Any = None
     donated: frozenset = frozenset()  # flat indices of donated parameters
+    # per flat parameter: the names precision rules match (``(arg/path, path)`` or
+    # ``(arg,)``; see mtia_jax.precision.PrecisionPolicy.rules); None: unknown
+    param_names: Any = None
 
 
 def pass_name(p: ModuleType) -> str:

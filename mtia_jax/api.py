@@ -33,6 +33,7 @@ from mtia_jax import config, sharding
 from mtia_jax import mesh as mesh_lib
 from mtia_jax.errors import HBMCapacityError, UnmeasuredLoopWarning
 from mtia_jax.profiler import Profile
+from mtia_jax.precision import path_string
 from mtia_jax.precision import resolve as resolve_precision
 from runtime.cost_model import ProgramCost, program_cost
 from runtime import trace
@@ -170,8 +171,10 @@ class Lowered:
 
     def __init__(self, module: Module, chip, in_tree, out_tree, donated: frozenset[int], mode: str,
                  precision=None, mesh=None, in_specs=None, out_specs=None, numerics: str = "vmap",
-                 scale_out_axes: tuple[str, ...] = ()):
+                 scale_out_axes: tuple[str, ...] = (), param_names: tuple | None = None):
         self.module = module
+        # per flat input: the names precision rules match (PrecisionPolicy.rules)
+        self.param_names = param_names
         self.scale_out_axes = scale_out_axes
         self.chip = chip
         self.in_tree = in_tree
@@ -189,7 +192,8 @@ class Lowered:
         """Run the pass pipeline and plan HBM; no numerics, nothing allocated."""
         ctx = PassContext(chip=self.chip, precision=self.precision, mesh=self.mesh,
                           scale_out_axes=self.scale_out_axes,
-                          in_specs=self.in_specs, out_specs=self.out_specs, donated=self.donated)
+                          in_specs=self.in_specs, out_specs=self.out_specs, donated=self.donated,
+                          param_names=self.param_names)
         module = run_passes(self.module, ctx)
         check_block_sets(module, self.chip)  # Pallas kernels' blocks fit on chip
         return module, plan_memory(module, self.donated)
@@ -483,7 +487,29 @@ class JitFunction:
         mesh, in_specs, out_specs = self._specs(spec, structs, closed, out_tree_box[0])
         return Lowered(module, self._resolve_chip(), spec.in_tree, out_tree_box[0], donated, self._mode,
                        self._resolve_precision(), mesh, in_specs, out_specs, self._numerics,
-                       mesh_lib.scale_out_axes(self._mesh) if self._mesh is not None else ())
+                       mesh_lib.scale_out_axes(self._mesh) if self._mesh is not None else (),
+                       self._param_names(spec, structs))
+
+    def _param_names(self, spec: _ArgSpec, structs) -> tuple[tuple[str, ...], ...]:
+        """Per flat input, the names precision rules match: ``(arg/path, path)``
+        for a leaf of a pytree argument, ``(arg,)`` for an array argument,
+        where ``arg`` is the function's parameter name (the position for
+        extra positional arguments, the keyword for keyword arguments)."""
+        positional = [p.name for p in self._signature.params
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        static_positions = {k for k, _ in spec.static if isinstance(k, int)}
+        dyn_args, dyn_kwargs = tree_util.tree_unflatten(spec.in_tree, structs)
+        positions = [i for i in range(len(dyn_args) + len(static_positions)) if i not in static_positions]
+        names = []
+        for keypath, _ in tree_util.tree_flatten_with_path((dyn_args, dyn_kwargs))[0]:
+            where, key, inner = keypath[0], keypath[1], path_string(keypath[2:])
+            if where.idx == 0:
+                i = positions[key.idx]
+                arg = positional[i] if i < len(positional) else str(i)
+            else:
+                arg = str(key.key)
+            names.append((f"{arg}/{inner}", inner) if inner else (arg,))
+        return tuple(names)
 
     def _specs(self, spec: _ArgSpec, structs, closed, out_tree):
         """(mesh sizes, spec per flat input, spec per flat output) for partitioning."""

@@ -17,7 +17,7 @@ weights.
 What is rewritten: a floating-point ``dot_general`` with
 
 * no batch dimensions and at least one contracting dimension, one of whose
-  operands is a weight: that operand gets ``policy.weights``, the other
+  operands is a weight: that operand gets its weight format, the other
   ``policy.activations``. When both operands are weights (``x`` and ``W``
   both passed in), the right-hand one is the weight (the ``x @ W``
   convention of jnp and Flax);
@@ -39,8 +39,10 @@ float32.
 The kernels MTIA runs whole get formats instead of a rewrite (the
 primitive's params; its reference rounds the operands, its cost rule reads
 them packed at the format's rate): ``swiglu`` whose two weights are
-weights (``x_format`` = activations, ``w_format`` = weights), ``moe_ffn``
-and the expert-parallel ``moe_experts`` whose expert weights are weights,
+weights (``x_format`` = activations, ``w_format`` = the weights' format, or
+a tuple of one format per weight when rules give them different ones),
+``moe_ffn`` and the expert-parallel ``moe_experts`` whose expert weights
+are weights (likewise),
 and every ``flash_attention`` and ``paged_attention`` primitive under
 ``policy.kv_cache`` (``kv_format``: the keys and values, or the KV pools,
 blocks along the head dimension).
@@ -51,7 +53,7 @@ against a KV cache passed as an argument) unless ``policy.attention``,
 products with no contracting dimension (outer products) or a zero-sized
 dimension, and ops with regions other than control flow (a
 ``flash_attention`` op from the attention pass, fused kernels): their bodies
-are kept as they are. A policy whose two formats are both None changes
+are kept as they are. A policy that gives no operand a format changes
 nothing.
 
 On a mesh, the rewrite quantizes each device's operands: the same blocks as
@@ -90,45 +92,72 @@ WEIGHT_VIEWS = frozenset({
 
 def run(module: Module, ctx=None) -> Module:
     policy = getattr(ctx, "precision", None)
-    if policy is None or (policy.weights is None and policy.activations is None
-                          and policy.kv_cache is None):
+    if policy is None or not (policy.changes_matmuls or policy.kv_cache is not None):
         return module
-    return _rewrite(module, set(module.params), policy)
+    return _rewrite(module, _input_names(module, ctx), policy)
+
+
+def _input_names(module: Module, ctx) -> dict[Value, tuple[str, ...]]:
+    """Each parameter of the program -> the names its rules match
+    (``ctx.param_names``; by position, ``"0"``, ``"1"``, ... when unknown)."""
+    names = getattr(ctx, "param_names", None)
+    if names is None:
+        names = [(str(i),) for i in range(len(module.params))]
+    if len(names) != len(module.params):
+        raise ValueError(f"precision pass: {len(names)} parameter names for a program of "
+                         f"{len(module.params)} parameters")
+    return dict(zip(module.params, (tuple(n) for n in names)))
+
+
+def weight_names(module: Module, ctx=None) -> set[tuple[str, ...]]:
+    """The names (``ctx.param_names`` entries) of the program parameters that
+    this pass would give a weight format: those some rewritten ``dot_general``
+    or kernel reads as its weight operand. ``module`` is the program as the
+    pass receives it (after the passes before it in the pipeline)."""
+    from mtia_jax.precision import PrecisionPolicy  # the policy imports no compiler code
+    found: set[tuple[str, ...]] = set()
+    _rewrite(module, _input_names(module, ctx), PrecisionPolicy(weights="mx8"), found)
+    return found
 
 
 # ------------------------------------------------------------ weights through regions
 
-def _scan_weights(op: Op, name: str, weights: set[Value]) -> list[bool]:
+def _scan_weights(op: Op, name: str, weights) -> list[Value | None]:
     n_consts, n_carry = op.params["num_consts"], op.params["num_carry"]
-    return [v in weights and not n_consts <= i < n_consts + n_carry
+    return [v if v in weights and not n_consts <= i < n_consts + n_carry else None
             for i, v in enumerate(op.operands)]
 
 
-def _while_weights(op: Op, name: str, weights: set[Value]) -> list[bool]:
+def _while_weights(op: Op, name: str, weights) -> list[Value | None]:
     n_cond, n_body = op.params["cond_nconsts"], op.params["body_nconsts"]
     consts = op.operands[:n_cond] if name == "cond" else op.operands[n_cond:n_cond + n_body]
     carry = len(op.operands) - n_cond - n_body
-    return [v in weights for v in consts] + [False] * carry
+    return [v if v in weights else None for v in consts] + [None] * carry
 
 
-def _cond_weights(op: Op, name: str, weights: set[Value]) -> list[bool]:
-    return [v in weights for v in op.operands[1:]]
+def _cond_weights(op: Op, name: str, weights) -> list[Value | None]:
+    return [v if v in weights else None for v in op.operands[1:]]
 
 
-# region-op kind -> which parameters of region ``name`` are weights
+# region-op kind -> for each parameter of region ``name``, the operand (a
+# weight) it holds the data or a slice of on every iteration, or None
 REGION_WEIGHTS = {"scan": _scan_weights, "while": _while_weights, "cond": _cond_weights}
 
 
-def _region_weights(op: Op, name: str, weights: set[Value]) -> set[Value]:
+def _region_weights(op: Op, name: str, weights: dict) -> dict[Value, tuple[str, ...]]:
     region = op.regions[name]
-    flags = REGION_WEIGHTS[op.kind](op, name, weights)
-    return {p for p, is_weight in zip(region.params, flags, strict=True) if is_weight}
+    sources = REGION_WEIGHTS[op.kind](op, name, weights)
+    return {p: weights[v] for p, v in zip(region.params, sources, strict=True) if v is not None}
 
 
 # ------------------------------------------------------------ the rewrite
 
-def _rewrite(module: Module, weights: set[Value], policy) -> Module:
-    weights = set(weights)
+def _rewrite(module: Module, weights: dict[Value, tuple[str, ...]], policy,
+             found: set | None = None) -> Module:
+    """``module`` with its matmuls rewritten; ``weights`` maps each weight
+    value to the names of the program parameter it comes from. The names of
+    weights given a format are added to ``found``, if given."""
+    weights = dict(weights)
     rename: dict[Value, Value] = {}
     ops: list[Op] = []
     for op in module.ops:
@@ -137,19 +166,27 @@ def _rewrite(module: Module, weights: set[Value], policy) -> Module:
         if op.regions:
             if op.kind in REGION_WEIGHTS:  # control flow; other bodies are left alone
                 op = dataclasses.replace(op, regions={
-                    name: _rewrite(region, _region_weights(op, name, weights), policy)
+                    name: _rewrite(region, _region_weights(op, name, weights), policy, found)
                     for name, region in op.regions.items()})
         elif op.kind in WEIGHT_VIEWS:  # result i from operand i (a combined all_gather has several)
-            weights.update(r for v, r in zip(op.operands, op.results) if v in weights)
+            weights.update((r, weights[v]) for v, r in zip(op.operands, op.results) if v in weights)
         elif op.kind == "dot_general":
             formats = _formats(op, weights, policy)
             if formats is not None:
+                weight = op.operands[formats[2]]
+                if found is not None and weight in weights and formats[formats[2]] is not None:
+                    found.add(weights[weight])
                 new_ops, result = _mx_ops(op, *formats)
                 ops.extend(new_ops)
                 rename[op.results[0]] = result
                 continue
         elif op.kind in KERNEL_FORMATS and op.primitive is not None:
             params = KERNEL_FORMATS[op.kind](op, weights, policy)
+            if params and found is not None and "w_format" in params:
+                fmts = params["w_format"]
+                operands = op.operands[KERNEL_WEIGHTS[op.kind]]
+                found.update(weights[v] for v, f in zip(
+                    operands, fmts if isinstance(fmts, tuple) else (fmts,) * len(operands)) if f)
             if params:
                 op = dataclasses.replace(op, attrs={**op.attrs, "params": {**op.params, **params}})
         ops.append(op)
@@ -159,24 +196,30 @@ def _rewrite(module: Module, weights: set[Value], policy) -> Module:
 
 def _weight_formats(weight_operands: slice):
     """Formats for a kernel whose operands ``weight_operands`` are all weights:
-    ``x_format`` = the policy's activations, ``w_format`` = its weights."""
-    def formats(op: Op, weights: set[Value], policy) -> dict:
-        if not all(v in weights and _floating(v) for v in op.operands[weight_operands]):
+    ``x_format`` = the policy's activations, ``w_format`` = the weights'
+    format (each weight's by the policy's rules), or a tuple of one format
+    per weight operand when they differ."""
+    def formats(op: Op, weights: dict, policy) -> dict:
+        operands = op.operands[weight_operands]
+        if not all(v in weights and _floating(v) for v in operands):
             return {}
-        found = {"x_format": policy.activations, "w_format": policy.weights}
+        fmts = tuple(policy.weight_format(weights[v]) for v in operands)
+        found = {"x_format": policy.activations,
+                 "w_format": fmts[0] if len(set(fmts)) == 1 else fmts}
         return {k: v for k, v in found.items() if v is not None}
     return formats
 
 
-def _kv_formats(op: Op, weights: set[Value], policy) -> dict:
+def _kv_formats(op: Op, weights: dict, policy) -> dict:
     return {"kv_format": policy.kv_cache} if policy.kv_cache is not None else {}
 
 
+# primitive kind -> its weight operands
+KERNEL_WEIGHTS = {"swiglu": slice(1, 3), "moe_ffn": slice(2, 5), "moe_experts": slice(1, 4)}
+
 # primitive kind -> the MX params a policy gives it
 KERNEL_FORMATS = {
-    "swiglu": _weight_formats(slice(1, 3)),
-    "moe_ffn": _weight_formats(slice(2, 5)),
-    "moe_experts": _weight_formats(slice(1, 4)),
+    **{kind: _weight_formats(operands) for kind, operands in KERNEL_WEIGHTS.items()},
     "flash_attention": _kv_formats,
     "paged_attention": _kv_formats,
 }
@@ -187,7 +230,7 @@ def _floating(v: Value) -> bool:
     return isinstance(dtype, np.dtype) and jnp.issubdtype(dtype, jnp.floating)
 
 
-def _formats(op: Op, weights: set[Value], policy) -> tuple[str | None, str | None, int] | None:
+def _formats(op: Op, weights: dict, policy) -> tuple[str | None, str | None, int] | None:
     """(lhs format, rhs format, index of the weight operand, or 1 when neither is
     one) for a ``dot_general`` to rewrite, or None to keep it."""
     lhs, rhs = op.operands
@@ -196,13 +239,11 @@ def _formats(op: Op, weights: set[Value], policy) -> tuple[str | None, str | Non
         return None
     if any(d == 0 for v in (lhs, rhs) for d in v.type.shape):
         return None
-    act, weight = policy.activations, policy.weights
-    if act is None and weight is None:
-        return None
+    act = policy.activations
     if not lb and rhs in weights:
-        formats = (act, weight, 1)
+        formats = (act, policy.weight_format(weights[rhs]), 1)
     elif not lb and lhs in weights:
-        formats = (weight, act, 0)
+        formats = (policy.weight_format(weights[lhs]), act, 0)
     elif policy.attention:
         formats = (act, act, 1)
     else:
@@ -215,7 +256,7 @@ def may_quantize(op: Op, policy) -> bool:
     ``policy``, whichever operands turn out to be weights: the policy has a
     format, the operands and result are floating point, and the op has no
     batch dims unless ``policy.attention``."""
-    if policy is None or (policy.weights is None and policy.activations is None):
+    if policy is None or not policy.changes_matmuls:
         return False
     (_, _), (lb, _) = op.params["dimension_numbers"]
     return (not lb or policy.attention) and all(_floating(v) for v in (*op.operands, *op.results))

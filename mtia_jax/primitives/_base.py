@@ -47,6 +47,17 @@ def quantized(x, fmt: str | None, axis: int):
     return x if fmt is None else mx.fake_quantize(x, fmt, axis)
 
 
+def weight_formats(w_format, n: int) -> tuple:
+    """A kernel's ``w_format`` param as one format (or None) per weight
+    operand: one format for all ``n`` weights, or a tuple of ``n`` (per-group
+    precision rules may give a kernel's weights different formats)."""
+    if isinstance(w_format, tuple):
+        if len(w_format) != n:
+            raise ValueError(f"w_format: {len(w_format)} formats for {n} weights: {w_format}")
+        return w_format
+    return (w_format,) * n
+
+
 def _abstract_eval_from(reference: Callable, multiple_results: bool):
     def abstract_eval(*avals, **params):
         structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]

@@ -22,7 +22,8 @@ result is rounded once to the promoted dtype. Under a precision policy
 (``lowering.passes.precision``) the params ``x_format`` / ``w_format`` name
 the MX formats of the activations (``x`` and the hidden activation, blocks
 along their features) and of the expert weights (blocks along each
-product's K): operands are rounded to them before the products, and the
+product's K; ``w_format`` may be a triple, one per weight, when per-group
+rules give them different formats): operands are rounded to them before the products, and the
 weights are read packed.
 
 The primitive's reference (its lowering under ``jax.jit``, also the
@@ -78,7 +79,8 @@ import numpy as np
 from jax import lax
 from jax._src import core as _core
 
-from mtia_jax.primitives._base import check_float, _batching_from, define_primitive, quantized
+from mtia_jax.primitives._base import (check_float, _batching_from, define_primitive, quantized,
+                                       weight_formats)
 
 __all__ = ["moe_ffn", "moe_ffn_p", "route", "moe_dispatch_p", "moe_experts_p", "moe_combine_p"]
 
@@ -155,8 +157,10 @@ def _reference(x, router_logits, w_gate, w_up, w_down, *, top_k, x_format=None, 
 
 
 def _quantized_experts(w_gate, w_up, w_down, w_format):
-    """The expert weights rounded to ``w_format`` (blocks along each product's K)."""
-    return quantized(w_gate, w_format, -2), quantized(w_up, w_format, -2), quantized(w_down, w_format, -2)
+    """The expert weights rounded to ``w_format`` (one format, or one per
+    weight; blocks along each product's K)."""
+    return tuple(quantized(w, fmt, -2)
+                 for w, fmt in zip((w_gate, w_up, w_down), weight_formats(w_format, 3)))
 
 
 def _expert_ffn(rows, w_gate, w_up, w_down, x_format=None):

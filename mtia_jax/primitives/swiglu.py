@@ -11,9 +11,10 @@ Numerics: ``x``, ``w_gate`` and ``w_up`` are promoted to one floating dtype
 float32, the epilogue ``g * sigmoid(g) * u`` is computed in float32, and the
 result is rounded once to the promoted dtype. Under a precision policy
 (``lowering.passes.precision``) the params ``x_format`` / ``w_format`` name
-the MX formats of ``x`` (blocks along D) and of the weights (blocks along D):
-the operands are rounded to those formats before the products, as
-``mx_matmul`` does, and the weights are read packed.
+the MX formats of ``x`` (blocks along D) and of the weights (blocks along D;
+``w_format`` may be a pair, ``(w_gate's, w_up's)``, when per-group rules
+give them different formats): the operands are rounded to those formats
+before the products, as ``mx_matmul`` does, and the weights are read packed.
 
 Transformations: ``jax.jit`` runs the reference lowering; JVP (and so
 ``jax.grad``) differentiates the reference; ``jax.vmap`` keeps the primitive
@@ -30,7 +31,8 @@ from jax import lax
 from jax._src import core as _core
 from jax._src.interpreters import batching
 
-from mtia_jax.primitives._base import check_float, _batching_from, define_primitive, quantized
+from mtia_jax.primitives._base import (check_float, _batching_from, define_primitive, quantized,
+                                       weight_formats)
 
 __all__ = ["swiglu", "swiglu_p"]
 
@@ -48,7 +50,8 @@ def _reference(x, w_gate, w_up, *, x_format=None, w_format=None):
     dtype = jnp.result_type(x, w_gate, w_up)
     x, w_gate, w_up = (a.astype(dtype) for a in (x, w_gate, w_up))
     x = quantized(x, x_format, -1)
-    w_gate, w_up = quantized(w_gate, w_format, 0), quantized(w_up, w_format, 0)
+    gate_format, up_format = weight_formats(w_format, 2)
+    w_gate, w_up = quantized(w_gate, gate_format, 0), quantized(w_up, up_format, 0)
     gate = _matmul_f32(x, w_gate)
     up = _matmul_f32(x, w_up)
     return (gate * jax.nn.sigmoid(gate) * up).astype(dtype)

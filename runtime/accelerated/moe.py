@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mtia_jax.primitives._base import weight_formats
 from runtime.accelerated.mx_matmul import formats_class, packed_bytes
 from runtime.work import OpWork
 
@@ -78,7 +79,8 @@ def _rate(op, x, *weights):
     policy the wider of the MX operands (as ``mx_matmul``), else the promoted dtype."""
     x_fmt, w_fmt = op.params.get("x_format"), op.params.get("w_format")
     if x_fmt or w_fmt:
-        return formats_class([(x_fmt, x.dtype), *((w_fmt, w.dtype) for w in weights)])
+        return formats_class([(x_fmt, x.dtype), *((f, w.dtype) for f, w in
+                                                  zip(weight_formats(w_fmt, len(weights)), weights))])
     return np.result_type(x.dtype, *(w.dtype for w in weights))
 
 
@@ -98,7 +100,8 @@ def _moe_ffn_work(op) -> OpWork:
         engine="matrix",
         dtype=_rate(op, x, w_gate, w_up, w_down),
         reads=(packed_bytes(x, x_fmt, -1), logits.nbytes,
-               *(hit * packed_bytes(w, w_fmt, -2) for w in (w_gate, w_up, w_down))),
+               *(hit * packed_bytes(w, f, -2)
+                 for w, f in zip((w_gate, w_up, w_down), weight_formats(w_fmt, 3)))),
         unit="moe_ffn",
         bytes_saved_by_unit=DISPATCH_COMBINE_PASSES * slots * d * out.dtype.itemsize,
     )
@@ -127,7 +130,8 @@ def _moe_experts_work(op) -> OpWork:
         transcendentals=slots * f,
         engine="matrix",
         dtype=_rate(op, rows, w_gate, w_up, w_down),
-        reads=(slots * row_bytes, *(hit * packed_bytes(w, w_fmt, -2) for w in (w_gate, w_up, w_down))),
+        reads=(slots * row_bytes, *(hit * packed_bytes(w, f, -2)
+                                    for w, f in zip((w_gate, w_up, w_down), weight_formats(w_fmt, 3)))),
         writes=slots * d * out.dtype.itemsize,
         unit="moe_ffn",
     )

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mtia_jax.primitives._base import weight_formats
 from runtime.accelerated.mx_matmul import formats_class, packed_bytes
 from runtime.work import OpWork
 
@@ -68,13 +69,14 @@ def _swiglu_work(op) -> OpWork:
     d, f = w_gate.shape
     m = x.size // max(d, 1)
     x_fmt, w_fmt = op.params.get("x_format"), op.params.get("w_format")
+    gate_fmt, up_fmt = weight_formats(w_fmt, 2)  # one format, or one per weight
     dtype = np.result_type(x.dtype, w_gate.dtype)
     if x_fmt or w_fmt:  # under a precision policy: MX operands, read packed
-        dtype = formats_class([(x_fmt, x.dtype), (w_fmt, w_gate.dtype)])
+        dtype = formats_class([(x_fmt, x.dtype), (gate_fmt, w_gate.dtype), (up_fmt, w_up.dtype)])
     return OpWork(flops=2 * 2 * m * d * f + SWIGLU_EPILOGUE_FLOPS * m * f,
                   transcendentals=m * f, engine="matrix", dtype=dtype,
-                  reads=(packed_bytes(x, x_fmt, -1), packed_bytes(w_gate, w_fmt, 0),
-                         packed_bytes(w_up, w_fmt, 0)))
+                  reads=(packed_bytes(x, x_fmt, -1), packed_bytes(w_gate, gate_fmt, 0),
+                         packed_bytes(w_up, up_fmt, 0)))
 
 
 RULES = {
