@@ -30,8 +30,8 @@ _LAZY = {
     "PipelineStage": ("mtia_jax.pipeline", "PipelineStage"),
     "PrecisionPolicy": ("mtia_jax.precision", "PrecisionPolicy"),
     "precision_policy": ("mtia_jax.precision", "precision_policy"),
-    "sensitivity": ("mtia_jax.precision", "sensitivity"),
-    "search": ("mtia_jax.precision", "search"),
+    "sensitivity": ("mtia_jax.precision_search", "sensitivity"),
+    "search": ("mtia_jax.precision_search", "search"),
     "errors": ("mtia_jax.errors", None),
     "primitives": ("mtia_jax.primitives", None),
     **{name: ("mtia_jax.primitives", name) for name in (

@@ -1,4 +1,4 @@
-"""Per-group precision rules, ``mtia_jax.precision.sensitivity`` and ``search``."""
+"""Per-group precision rules, ``mtia_jax.precision_search.sensitivity`` and ``search``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import mtia_jax
 from models import transformer as tf
 from mtia_jax import mx
-from mtia_jax.precision import PrecisionPolicy, sensitivity, search
+from mtia_jax.precision import PrecisionPolicy
+from mtia_jax.precision_search import search, sensitivity
 from mtia_jax.primitives.mx_matmul import mx_matmul
 
 MX4, MX6, MX8 = (mx.get_format(f).name for f in ("mx4", "mx6", "mx8"))
