@@ -76,7 +76,7 @@ from models import transformer as tf
 from models.paged_kv import DEFAULT_BLOCK_SIZE
 from models.scheduler import Scheduler, Sequence
 from mtia_jax import api, mx
-from mtia_jax.precision import PrecisionPolicy
+from mtia_jax.precision import PrecisionPolicy, path_string
 
 __all__ = ["SamplingParams", "Request", "Result", "ServingStats", "ServingEngine", "sample",
            "weight_bytes", "kv_cache_bytes"]
@@ -207,12 +207,16 @@ def _is_matmul_weight(path: tuple) -> bool:
     return names[-1] == "lm_head" or (names[0] == "layers" and names[-1] not in ("attn_norm", "mlp_norm"))
 
 
+def _weight_format(precision: PrecisionPolicy | None, path: tuple) -> str | None:
+    return precision.weight_format(path_string(path)) if precision is not None else None
+
+
 def weight_bytes(params: dict, precision: PrecisionPolicy | None = None, pspecs=None, mesh=None) -> int:
     """HBM bytes of the weights on one device: MXArrays at their packed size;
-    with a policy that sets ``weights``, matmul weights (see ``_is_matmul_weight``)
-    at that MX format's packed size (blocks along the input axis); others at
+    matmul weights (see ``_is_matmul_weight``) at the packed size of the MX
+    format the policy gives them (``weights``, or the first of its ``rules``
+    matching the parameter's path; blocks along the input axis); others at
     their dtype's size; each divided by its sharding on ``mesh``."""
-    fmt = mx.MXType(precision.weights) if precision is not None and precision.weights else None
     is_mx = lambda x: isinstance(x, mx.MXArray)
     leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_mx)[0]
     specs = (jax.tree.leaves(pspecs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
@@ -221,8 +225,8 @@ def weight_bytes(params: dict, precision: PrecisionPolicy | None = None, pspecs=
     for (path, leaf), spec in zip(leaves, specs):
         if isinstance(leaf, mx.MXArray):
             nbytes = leaf.nbytes
-        elif fmt is not None and _is_matmul_weight(path):
-            nbytes = fmt.nbytes(tuple(leaf.shape), axis=-2)
+        elif (fmt := _weight_format(precision, path)) is not None and _is_matmul_weight(path):
+            nbytes = mx.MXType(fmt).nbytes(tuple(leaf.shape), axis=-2)
         else:
             nbytes = math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
         total += -(-nbytes // _spec_divisor(spec, mesh))

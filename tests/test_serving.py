@@ -236,6 +236,10 @@ def test_weight_bytes_under_an_mx4_policy_and_a_mesh(params):
     rest = 4 * (params["embed"].size + params["final_norm"].size + layers["attn_norm"].size
                 + layers["mlp_norm"].size)
     assert weight_bytes(params, policy) == packed + rest
+    # a rule keeps w_down in float32: its bytes go back from packed mx4 to 4 per element
+    w_down = layers["w_down"]
+    kept = mtia_jax.PrecisionPolicy(weights="mx4", activations="mx8", rules=(("layers/w_down", None),))
+    assert weight_bytes(params, kept) == packed + rest - (w_down.size // 2 + w_down.size // 32) + 4 * w_down.size
     mesh = mtia_jax.make_mesh((2, 4), ("data", "model"))
     pspecs, cspecs, _ = tf.shardings(CFG, mesh, batch=2)
     cache = tf.init_cache(CFG, 2, 8)
