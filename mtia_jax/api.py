@@ -15,6 +15,7 @@ dtypes, pytree structure, static arguments, chip) and caches the result.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import inspect
 import warnings
@@ -485,10 +486,26 @@ class JitFunction:
         name = getattr(fun, "__name__", "main")
         module = import_closed_jaxpr(closed, name=name if name.isidentifier() else "main")
         mesh, in_specs, out_specs = self._specs(spec, structs, closed, out_tree_box[0])
+        param_names = self._param_names(spec, structs)
+        self._check_rules_match(param_names, name)
         return Lowered(module, self._resolve_chip(), spec.in_tree, out_tree_box[0], donated, self._mode,
                        self._resolve_precision(), mesh, in_specs, out_specs, self._numerics,
                        mesh_lib.scale_out_axes(self._mesh) if self._mesh is not None else (),
-                       self._param_names(spec, structs))
+                       param_names)
+
+    def _check_rules_match(self, param_names, name: str) -> None:
+        """A rule of a policy passed to this program (``precision=``) that
+        matches none of its arguments is a typo, not a choice: a clear error.
+        (A policy of an enclosing ``precision_policy`` block is shared by
+        unrelated programs, so its rules need not match each.)"""
+        if self._precision is None:
+            return
+        names = [n for names in param_names for n in names]
+        for pattern, fmt in self._precision.rules:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ValueError(
+                    f"mtia_jax.jit({name}): the precision rule ({pattern!r}, {fmt!r}) matches no "
+                    f"argument; the arguments' paths are {sorted({ns[-1] for ns in param_names})}")
 
     def _param_names(self, spec: _ArgSpec, structs) -> tuple[tuple[str, ...], ...]:
         """Per flat input, the names precision rules match: ``(arg/path, path)``

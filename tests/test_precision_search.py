@@ -254,3 +254,14 @@ def test_sensitivity_and_search_errors(regression):
     with pytest.raises(ValueError, match="measured with other groups"):
         search(mse, params, data, budget=1.0, chip="mtia450", sensitivities=found,
                base=PrecisionPolicy(activations="mx8"))
+
+
+def test_a_rule_matching_no_argument_of_its_program_is_a_clear_error():
+    f = lambda params, x: x @ params["w1"] @ params["w2"]
+    params, x = {"w1": jnp.ones((32, 32)), "w2": jnp.ones((32, 32))}, jnp.ones((2, 32))
+    typo = PrecisionPolicy(weights="mx8", rules=(("w_1", "mx4"),))
+    with pytest.raises(ValueError, match=r"rule \('w_1', 'mxfp4_e2m1'\) matches no argument.*\['w1', 'w2', 'x'\]"):
+        mtia_jax.jit(f, precision=typo)(params, x)
+    # a policy of an enclosing block serves unrelated programs: its rules need not match each
+    with mtia_jax.precision_policy(typo):
+        assert mtia_jax.jit(f)(params, x).shape == (2, 32)
