@@ -193,7 +193,8 @@ class SearchStep:
     ``sensitivity`` the increase of the group's own measured loss increase;
     ``loss`` the measured loss of the combined policy with the step (None
     when the step was ruled out without a run); ``time_s`` the modeled time
-    of the combined policy (None unless accepted)."""
+    of the combined policy (None unless accepted); ``validation_loss`` its
+    loss on ``validation_data`` (None without it, or when not run)."""
     group: str
     format: str
     previous: str | None
@@ -203,6 +204,7 @@ class SearchStep:
     accepted: bool
     reason: str
     time_s: float | None = None
+    validation_loss: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +212,8 @@ class SearchResult:
     """What ``search`` found: ``policy`` (the per-group rules), its measured
     ``loss`` and the ``base_loss`` with no group quantized, the ``budget``,
     the modeled time of ``cost_fn`` before (no group quantized) and after,
-    every step tried in order, and the sensitivities it ranked them by."""
+    every step tried in order, and the sensitivities it ranked them by;
+    with ``validation_data``, the policy's loss there and the base loss there."""
     policy: PrecisionPolicy
     loss: float
     base_loss: float
@@ -219,6 +222,8 @@ class SearchResult:
     time_after_s: float
     steps: tuple[SearchStep, ...]
     sensitivity: Sensitivity
+    validation_loss: float | None = None
+    validation_base_loss: float | None = None
 
     @property
     def formats(self) -> dict[str, str | None]:
@@ -233,8 +238,11 @@ class SearchResult:
         lines = [f"policy: {self.policy}",
                  f"loss {self.loss:.6g} (base {self.base_loss:.6g}, increase "
                  f"{self.loss - self.base_loss:+.3e}, budget {self.budget:.3e}); modeled time "
-                 f"{self.time_before_s * 1e6:.2f} us -> {self.time_after_s * 1e6:.2f} us",
-                 "steps (in the order tried):"]
+                 f"{self.time_before_s * 1e6:.2f} us -> {self.time_after_s * 1e6:.2f} us"]
+        if self.validation_loss is not None:
+            lines.append(f"validation loss {self.validation_loss:.6g} (base {self.validation_base_loss:.6g}, "
+                         f"increase {self.validation_loss - self.validation_base_loss:+.3e})")
+        lines.append("steps (in the order tried):")
         for s in self.steps:
             loss = f"loss {s.loss:.6g}" if s.loss is not None else "not run"
             verdict = "taken" if s.accepted else "refused"
@@ -248,8 +256,8 @@ class SearchResult:
 
 def search(fn, params, data, *, budget: float, chip, formats=("mx4", "mx6", "mx8"), cost_fn=None,
            cost_args=None, cost_kwargs=None, groups=None, metric=None,
-           base: PrecisionPolicy | None = None, sensitivities: Sensitivity | None = None
-           ) -> SearchResult:
+           base: PrecisionPolicy | None = None, sensitivities: Sensitivity | None = None,
+           validation_data=None) -> SearchResult:
     """Per-group weight formats that minimise the modeled latency of
     ``cost_fn`` on ``chip`` while the loss ``fn(params, data)`` rises by at
     most ``budget``: a greedy search.
@@ -283,8 +291,11 @@ def search(fn, params, data, *, budget: float, chip, formats=("mx4", "mx6", "mx8
        format rules out the narrower ones for that group too. It stops
        when no candidate is left.
 
-    The budget holds on ``data`` only: measure the policy on held-out data
-    to check that it generalises.
+    The budget holds on ``data``; with ``validation_data`` a step is taken
+    only if the loss there (``fn(params, validation_data)``) also rises by
+    at most ``budget`` over the start's, which guards against a policy fitted
+    to the noise of one sample. Measure the result on data neither saw to
+    check that it generalises.
 
     Args:
       fn, params, data, metric, groups: as for ``sensitivity``.
@@ -300,6 +311,8 @@ def search(fn, params, data, *, budget: float, chip, formats=("mx4", "mx6", "mx8
       base: the policy other operands follow (e.g. ``activations="mx8"``);
         its own rules come after the searched groups'.
       sensitivities: a ``sensitivity`` result to reuse.
+      validation_data: optional second data every step must also stay
+        within the budget on (one more run per step measured).
 
     Returns a ``SearchResult``: ``.policy``, ``.loss``, ``.time_before_s``,
     ``.time_after_s``, ``.steps``, ``.table()``.
@@ -336,8 +349,10 @@ def search(fn, params, data, *, budget: float, chip, formats=("mx4", "mx6", "mx8
     base_loss = sensitivities.base_loss
     # losses already measured, by policy (a policy with one group quantized is a sensitivity run)
     measured = {_with_rules(start, ((g, f),)): loss for (g, f), loss in sensitivities.losses.items()}
+    check = None if validation_data is None else {start: _loss(fn, params, validation_data, start, chip, metric)}
     state = {g: None for g in groups}
     loss, time_now = base_loss, time_before
+    validation_loss = None if check is None else check[start]
     ruled_out: set = set()
     steps = []
     while True:
@@ -362,15 +377,26 @@ def search(fn, params, data, *, budget: float, chip, formats=("mx4", "mx6", "mx8
         trial_loss = measured.get(trial)
         if trial_loss is None:
             trial_loss = measured[trial] = _loss(fn, params, data, trial, chip, metric)
-        if trial_loss - base_loss <= budget:
-            time_now = modeled(trial)
-            steps.append(SearchStep(g, f, state[g], gain, cost, trial_loss, True,
-                                    "within the budget", time_now))
-            state[g], loss = f, trial_loss
-        else:
+        trial_check = None
+        if trial_loss - base_loss <= budget and check is not None:
+            trial_check = check.get(trial)
+            if trial_check is None:
+                trial_check = check[trial] = _loss(fn, params, validation_data, trial, chip, metric)
+        if trial_loss - base_loss > budget:
             ruled_out |= narrower
             steps.append(SearchStep(g, f, state[g], gain, cost, trial_loss, False,
                                     f"loss increase {trial_loss - base_loss:.3e} exceeds the budget"))
+        elif trial_check is not None and trial_check - check[start] > budget:
+            ruled_out |= narrower
+            steps.append(SearchStep(g, f, state[g], gain, cost, trial_loss, False,
+                                    f"validation loss increase {trial_check - check[start]:.3e} exceeds "
+                                    f"the budget", validation_loss=trial_check))
+        else:
+            time_now = modeled(trial)
+            steps.append(SearchStep(g, f, state[g], gain, cost, trial_loss, True,
+                                    "within the budget", time_now, trial_check))
+            state[g], loss, validation_loss = f, trial_loss, trial_check
     return SearchResult(policy_of(state), loss, base_loss, float(budget), time_before, time_now,
-                        tuple(steps), sensitivities)
+                        tuple(steps), sensitivities, validation_loss,
+                        None if check is None else check[start])
 

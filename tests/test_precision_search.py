@@ -241,6 +241,22 @@ def test_search_within_a_budget_keeps_the_fragile_layer_wide(regression):
     assert refused and all(s.group == "w2" for s in refused)
 
 
+def test_search_with_validation_data_keeps_the_budget_there_too(regression):
+    params, data, found = regression
+    budget = 3 * (found.delta("w1", "mx4") + found.delta("w3", "mx4") + found.delta("w2", "mx8"))
+    # the same network on inputs 3x larger: every weight error costs 9x the squared error
+    wide = {"x": 3 * data["x"], "y": jax.jit(mlp)(params, 3 * data["x"])}
+    result = search(mse, params, data, budget=budget, chip="mtia450", formats=("mx4", "mx8"),
+                    cost_args=BIG, sensitivities=found, validation_data=wide)
+    assert result.validation_base_loss == pytest.approx(0.0, abs=1e-6)
+    assert result.validation_loss - result.validation_base_loss <= budget
+    assert result.loss - result.base_loss <= budget
+    plain = _search(regression, budget).formats
+    assert result.formats != plain  # the validation refused a step the calibration data allowed
+    assert any("validation loss increase" in s.reason for s in result.steps if not s.accepted)
+    assert "validation loss" in result.table()
+
+
 def test_sensitivity_and_search_errors(regression):
     params, data, found = regression
     with pytest.raises(ValueError, match="group 'w9' matches no parameter of params; its paths are: w1, w2, w3"):
