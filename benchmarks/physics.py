@@ -10,7 +10,9 @@ chip's published HBM bandwidth, independently of the cost model:
    capacity 4096, the cache donated so it is written in place): modeled time
    against (weights + KV cache read + new KV rows + logits) / HBM bandwidth,
    in bf16 and under MX4 weights / MX8 activations, at batch 1 and 64; and
-   the MX4 speed-up over bf16 at batch 1.
+   the MX4 speed-up over bf16 at batch 1; the same decode as the serving
+   engine's step (``paged_step``: the KV cache in a paged pool read through
+   block tables) against the same floor, and with a 4x larger pool.
 2. Loops: a ``while_loop`` of 100 trips of a 4096^2 matmul + tanh against
    100 x one trip; a ``fori_loop`` reading ``W[i]`` of a stacked
    (80, 8192, 8192) weight against the same loop as a ``scan``; one
@@ -94,6 +96,18 @@ def decode_report(cfg, batch, capacity, precision):
                              chip=CHIP, precision=precision, donate_argnums=(2,))
 
 
+def paged_decode_report(cfg, batch, capacity, precision, *, block_size=16, pool_factor=1):
+    """``models.transformer.paged_step`` of one decode token per sequence, each
+    with a table of ``capacity / block_size`` blocks, from a pool of
+    ``pool_factor`` times the blocks the tables hold."""
+    width = capacity // block_size
+    pool = jax.eval_shape(functools.partial(tf.init_kv_pool, cfg, pool_factor * batch * width, block_size))
+    ids = lambda *shape: S(shape, jnp.int32)
+    return mtia_jax.estimate(functools.partial(tf.paged_step, cfg), _structs(tf.param_shapes(cfg)),
+                             ids(batch), ids(batch), ids(batch), ids(batch), ids(batch, width), ids(batch),
+                             pool, chip=CHIP, precision=precision, donate_argnums=(7,))
+
+
 def section_decode() -> None:
     print(f"1. Llama-3-70B decode on {CHIP}, KV capacity 4096, cache donated (modeled vs hand floor)")
     cfg = tf.Config.preset("llama3-70b")
@@ -113,6 +127,20 @@ def section_decode() -> None:
                   "within 1 %", abs(rep.roofline_time_s / floor - 1) <= 0.01)
     speedup = times[1, "bf16"] / times[1, "mx4/mx8"]
     check("decode batch 1: MX4 speed-up over bf16", speedup, ">= 2.5", speedup >= 2.5, "x")
+    # the serving engine's step: the same decode through a paged KV pool, whose
+    # blocks the tables name are all that is read, however large the pool
+    for batch, limit in ((1, 1.25), (64, 1.35)):
+        for label, policy, bits in (("bf16", None, 16), ("mx4/mx8", MX4, MX4_BITS)):
+            rep = paged_decode_report(cfg, batch, 4096, policy)
+            floor = decode_floor_s(cfg, batch, 4096, bits, bandwidth)
+            check(f"paged decode batch {batch} {label}: modeled / hand floor", rep.time_s / floor,
+                  f"1 <= ratio <= {limit}", 1 <= rep.time_s / floor <= limit)
+            check(f"paged decode batch {batch} {label}: roofline / hand floor",
+                  rep.roofline_time_s / floor, "within 1 %", abs(rep.roofline_time_s / floor - 1) <= 0.01)
+    grown = paged_decode_report(cfg, 64, 4096, None, pool_factor=4).time_s / \
+        paged_decode_report(cfg, 64, 4096, None).time_s
+    check("paged decode batch 64: a 4x larger pool / the pool of its blocks", grown, "<= 1.01",
+          grown <= 1.01)
 
 
 # ------------------------------------------------------------ 2. loops and touched bytes

@@ -42,6 +42,24 @@ def test_70b_decode_is_near_its_floor_and_the_roofline_is_that_floor(batch, limi
     assert report.roofline_time_s == pytest.approx(floor, rel=0.01)
 
 
+@pytest.mark.parametrize("batch, limit", [(1, 1.25), (64, 1.35)])
+@pytest.mark.parametrize("policy, bits", [(None, 16), (physics.MX4, physics.MX4_BITS)])
+def test_paged_70b_decode_is_near_the_same_floor(batch, limit, policy, bits):
+    """The serving engine's step (paged_step) over a paged pool reads the blocks
+    its tables name: the contiguous decode's floor holds for it too."""
+    report = physics.paged_decode_report(LLAMA_70B, batch, 4096, policy)
+    floor = physics.decode_floor_s(LLAMA_70B, batch, 4096, bits, BANDWIDTH)
+    assert 1.0 <= report.time_s / floor <= limit
+    assert report.roofline_time_s == pytest.approx(floor, rel=0.01)
+
+
+def test_paged_decode_does_not_pay_for_the_pool_it_does_not_read():
+    exact = physics.paged_decode_report(LLAMA_70B, 64, 4096, None)
+    grown = physics.paged_decode_report(LLAMA_70B, 64, 4096, None, pool_factor=4)
+    assert grown.time_s == pytest.approx(exact.time_s, rel=0.01)
+    assert grown.roofline_time_s == pytest.approx(exact.roofline_time_s, rel=1e-6)
+
+
 def test_mx4_speeds_up_70b_decode_by_at_least_2_5x():
     bf16 = physics.decode_report(LLAMA_70B, 1, 4096, None).time_s
     mx4 = physics.decode_report(LLAMA_70B, 1, 4096, physics.MX4).time_s
