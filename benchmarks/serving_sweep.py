@@ -8,8 +8,10 @@ times from shapes), as vLLM's ``benchmark_serving`` reports them.
 For each request rate: Poisson arrivals (seeded), prompts uniform in
 ``--prompt`` and outputs in ``--output`` tokens; prints throughput, goodput
 under the SLO (TTFT <= 500 ms, TPOT <= 50 ms by default) and TTFT / TPOT /
-ITL / end-to-end percentiles, and writes a plot (``--plot``). Every time is
-modeled, not measured.
+ITL / end-to-end percentiles and the energy per token (every device, from
+the first arrival to the last token, idle power between requests included:
+``runtime.power``), and writes a plot (``--plot``). Every time and every
+joule is modeled, not measured.
 
 With ``--trace FILE.jsonl`` (one ``{"arrival_s", "prompt_len",
 "output_len"}`` object per line, ``models.load.read_trace``) the requests
@@ -98,13 +100,16 @@ def sweep(preset: str, chip: str, mesh: str, dtype: str, loads, slo, progress: b
 
 def table(title: str, rows) -> str:
     head = (f"{'req/s':>6} {'reqs':>6} {'tok/s':>8} {'goodput':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
-            f"{'TPOT p50':>9} {'TPOT p99':>9} {'ITL p99':>8} {'E2E p99':>8} {'preempt':>7} {'max seqs':>8}")
-    lines = [title, head + "   (ms; reqs: requests served; goodput in requests/s meeting the SLO)"]
+            f"{'TPOT p50':>9} {'TPOT p99':>9} {'ITL p99':>8} {'E2E p99':>8} {'preempt':>7} {'max seqs':>8} "
+            f"{'J/token':>8}")
+    lines = [title, head + "   (ms; reqs: requests served; goodput in requests/s meeting the SLO; J/token "
+                           "over every device, idle time between requests included)"]
     for rate, r in rows:
         m = r.metrics
         lines.append(f"{rate:>6.4g} {m.requests:>6} {m.throughput:>8.0f} {m.goodput:>8.2f} {m.ttft.p50 * 1e3:>9.1f} "
                      f"{m.ttft.p99 * 1e3:>9.1f} {m.tpot.p50 * 1e3:>9.2f} {m.tpot.p99 * 1e3:>9.2f} "
-                     f"{m.itl.p99 * 1e3:>8.2f} {m.e2e.p99 * 1e3:>8.0f} {r.preemptions:>7} {r.max_running:>8}")
+                     f"{m.itl.p99 * 1e3:>8.2f} {m.e2e.p99 * 1e3:>8.0f} {r.preemptions:>7} {r.max_running:>8} "
+                     f"{r.joules_per_token:>8.3f}")
     return "\n".join(lines)
 
 
@@ -113,7 +118,7 @@ def plot(path: Path, runs: dict, slo) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for label, rows in runs.items():
         rows = [(rate, r) for rate, r in rows if math.isfinite(rate)]  # a burst has no rate to plot
         rates = [rate for rate, _ in rows]
@@ -122,9 +127,11 @@ def plot(path: Path, runs: dict, slo) -> None:
         axes[1].plot(rates, [r.metrics.ttft.p50 * 1e3 for _, r in rows], "x--", label=f"{label} p50")
         axes[2].plot(rates, [r.metrics.tpot.p99 * 1e3 for _, r in rows], "o-", label=f"{label} p99")
         axes[2].plot(rates, [r.metrics.tpot.p50 * 1e3 for _, r in rows], "x--", label=f"{label} p50")
+        axes[3].plot(rates, [r.joules_per_token for _, r in rows], "o-", label=label)
     axes[1].axhline(slo.ttft_s * 1e3, color="grey", lw=0.8)
     axes[2].axhline(slo.tpot_s * 1e3, color="grey", lw=0.8)
-    for ax, title in zip(axes, ("goodput (requests/s meeting the SLO)", "TTFT (ms)", "TPOT (ms)")):
+    for ax, title in zip(axes, ("goodput (requests/s meeting the SLO)", "TTFT (ms)", "TPOT (ms)",
+                                "J/token, every device, idle included")):
         ax.set_xscale("log")
         ax.set_xlabel("request rate (requests/s)")
         ax.set_title(title + ", modeled")

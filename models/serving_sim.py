@@ -29,6 +29,11 @@ however its tokens mix. Attention is charged as ``paged_attention``'s cost
 rule charges it: every query token against the step's widest table (W
 blocks), and each sequence's W blocks read once, so a step mixing one long
 context with short ones is charged as if all were long (an upper bound).
+
+Energy. Each step's modeled energy (``runtime.power``: idle power plus
+compute and HBM activity) over every device, and the idle power while no
+request is in flight, from the first arrival to the last token:
+``SimResult.joules_per_token`` is what a token costs at that load.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from models import load, transformer as tf
 from models.paged_kv import DEFAULT_BLOCK_SIZE
 from models.scheduler import Scheduler, Sequence
 from models.serving import kv_cache_bytes, weight_bytes
+from runtime import power
 
 
 def _bucket(n: int, least: int = 1) -> int:
@@ -68,12 +74,22 @@ class StepTimes:
         return tf.pool_shardings(self.cfg, self.mesh) if self.mesh is not None else (None, None)
 
     def step(self, tokens: int, seqs: int, width: int) -> float:
-        """One step of ``tokens`` tokens of ``seqs`` sequences whose block
-        tables are at most ``width`` blocks."""
-        return self._step(_bucket(tokens, 16), _bucket(seqs), _bucket(width))
+        """Modeled seconds of one step of ``tokens`` tokens of ``seqs``
+        sequences whose block tables are at most ``width`` blocks."""
+        return self._step(_bucket(tokens, 16), _bucket(seqs), _bucket(width))[0]
+
+    def joules(self, tokens: int, seqs: int, width: int) -> float:
+        """Modeled energy of that step over every device (``runtime.power``)."""
+        return self._step(_bucket(tokens, 16), _bucket(seqs), _bucket(width))[1]
+
+    @property
+    def idle_watts(self) -> float:
+        """Power of the devices while no step runs (``runtime.power``'s idle power)."""
+        devices = math.prod(self.mesh.axis_sizes) if self.mesh is not None else 1
+        return power.IDLE_FRACTION * mtia_jax.chips.get(self.chip).tdp_watts * devices
 
     @functools.lru_cache(maxsize=None)
-    def _step(self, n: int, b: int, w: int) -> float:
+    def _step(self, n: int, b: int, w: int) -> tuple[float, float]:
         self.estimates += 1
         i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
         pool = jax.eval_shape(functools.partial(tf.init_kv_pool, self.cfg, self.kv_blocks, self.block_size))
@@ -82,9 +98,10 @@ class StepTimes:
         if self.mesh is not None:
             pspecs, pool_specs = self.shardings()
             sharded = dict(mesh=self.mesh, in_shardings=(pspecs, *(P(),) * 6, pool_specs))
-        return mtia_jax.estimate(functools.partial(tf.paged_step, self.cfg), self.params, *args,
-                                 chip=self.chip, precision=self.precision, donate_argnums=(7,),
-                                 **sharded).time_s
+        report = mtia_jax.estimate(functools.partial(tf.paged_step, self.cfg), self.params, *args,
+                                   chip=self.chip, precision=self.precision, donate_argnums=(7,),
+                                   **sharded)
+        return report.time_s, report.energy().joules * report.devices
 
 
 class _Sequence(Sequence):
@@ -104,6 +121,11 @@ class SimResult:
     preemptions: int
     max_running: int
     kv_blocks: int
+    joules: float = 0.0   # modeled, every device, from the first arrival to the last token (idle gaps included)
+
+    @property
+    def joules_per_token(self) -> float:
+        return self.joules / self.metrics.output_tokens if self.metrics.output_tokens else 0.0
 
 
 @dataclasses.dataclass
@@ -148,11 +170,13 @@ class ServingSimulator:
                           chunked_prefill=self.chunked_prefill, prefix_caching=False)
         future = deque(_Sequence(i, r) for i, r in enumerate(sorted(requests, key=lambda r: r.arrival_s)))
         finished: list[_Sequence] = []
-        clock, steps, max_running = 0.0, 0, 0
+        clock = future[0].request.arrival_s if future else 0.0
+        steps, max_running, joules = 0, 0, 0.0
         while future or not sched.done:
             while future and future[0].request.arrival_s <= clock:
                 sched.add(future.popleft())
-            if sched.done:
+            if sched.done:  # idle until the next arrival
+                joules += self.times.idle_watts * (future[0].request.arrival_s - clock)
                 clock = future[0].request.arrival_s
                 continue
             scheduled = sched.schedule()
@@ -162,7 +186,9 @@ class ServingSimulator:
                                    f"tokens cannot be scheduled with {self.kv_blocks} KV blocks and a "
                                    f"budget of {self.max_num_batched_tokens} tokens")
             width = max(len(sched.blocks.block_table(seq.id)) for seq, _ in scheduled)
-            clock += self.times.step(sum(n for _, n in scheduled), len(scheduled), width)
+            shape = (sum(n for _, n in scheduled), len(scheduled), width)
+            clock += self.times.step(*shape)
+            joules += self.times.joules(*shape)
             steps += 1
             max_running = max(max_running, len(sched.running))
             for seq in sched.update(scheduled):
@@ -176,7 +202,7 @@ class ServingSimulator:
         finished.sort(key=lambda s: s.id)
         m = load.metrics([s.request.arrival_s for s in finished], [s.times for s in finished], self.slo)
         return SimResult(m, steps, preemptions=sched.preemptions, max_running=max_running,
-                         kv_blocks=self.kv_blocks)
+                         kv_blocks=self.kv_blocks, joules=joules)
 
 
 __all__ = ["ServingSimulator", "StepTimes", "SimResult"]

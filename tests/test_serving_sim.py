@@ -6,6 +6,8 @@ import dataclasses
 
 import pytest
 
+import mtia_jax
+
 from models import load, transformer as tf
 from models.serving_sim import ServingSimulator, StepTimes
 
@@ -19,10 +21,15 @@ class FixedTimes:
 
     fixed: float = 0.01
     per_token: float = 0.001
+    watts: float = 100.0       # while a step runs
+    idle_watts: float = 10.0   # while none does
     estimates: int = 0
 
     def step(self, tokens, seqs, width):
         return self.fixed + self.per_token * tokens
+
+    def joules(self, tokens, seqs, width):
+        return self.watts * self.step(tokens, seqs, width)
 
 
 def _sim(**kw):
@@ -44,6 +51,9 @@ def test_three_requests_by_hand():
     assert m.e2e.mean == pytest.approx((0.049 + 0.038 + 0.014) / 3)
     assert m.makespan_s == pytest.approx(1.014)
     assert m.tpot.mean == pytest.approx(((0.049 - 0.026) / 2 + (0.038 - 0.026)) / 2)
+    # energy: 100 W over the four steps (0.063 s), 10 W over the idle gap 0.049 -> 1.0
+    assert result.joules == pytest.approx(100 * 0.063 + 10 * (1.0 - 0.049))
+    assert result.joules_per_token == pytest.approx(result.joules / 6)
 
 
 def test_chunked_prefill_spreads_a_long_prompt_over_steps_beside_decodes():
@@ -71,3 +81,6 @@ def test_step_times_come_from_paged_step_estimates_and_are_cached():
     a, b = times.step(3, 2, 5), times.step(9, 2, 7)  # both bucket to (16 tokens, 2, 8 blocks)
     assert a == b and times.estimates == 1
     assert times.step(256, 2, 8) > a and times.step(16, 2, 64) > a > 0
+    # the energy of a step lies between its time at idle power and at the TDP
+    tdp = mtia_jax.chips.get("mtia450").tdp_watts
+    assert times.idle_watts * a < times.joules(3, 2, 5) <= tdp * a
