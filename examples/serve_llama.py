@@ -75,7 +75,8 @@ def simulate(args, cfg, policy, mesh_shape) -> int:
         result = sim.run(requests, progress=bar)
     print(result.metrics.summary())
     print(f"  {result.steps} steps, {result.preemptions} preemptions, up to {result.max_running} sequences "
-          f"at once, {result.kv_blocks} KV blocks of {sim.block_size}")
+          f"at once, {result.kv_blocks} KV blocks of {sim.block_size}; {result.joules_per_token:.3g} J/token "
+          f"over every device, idle between requests included (modeled)")
     return 0
 
 
