@@ -26,6 +26,7 @@ the lengths and the relative gaps stay, and requests / span becomes R.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 import sys
@@ -60,7 +61,7 @@ def scaled(requests, rate: float):
     own, first = trace_rate(requests), requests[0].arrival_s
     if own == float("inf"):
         raise ValueError("a trace whose requests all arrive at once has no rate to scale")
-    return [load.LoadRequest((r.arrival_s - first) * own / rate, r.prompt_len, r.output_len) for r in requests]
+    return [dataclasses.replace(r, arrival_s=(r.arrival_s - first) * own / rate) for r in requests]
 
 
 def poisson_loads(rates, requests: int, prompt, output, seed: int):
@@ -77,14 +78,16 @@ def trace_loads(requests, rates=None):
     return [(rate, scaled(requests, rate)) for rate in rates]
 
 
-def sweep(preset: str, chip: str, mesh: str, dtype: str, loads, slo, progress: bool = True):
+def sweep(preset: str, chip: str, mesh: str, dtype: str, loads, slo, progress: bool = True,
+          prefix_caching: bool = True):
     """Simulate each ``(rate, requests)`` of ``loads``: the simulator and the
     ``(rate, SimResult)`` rows."""
     cfg = tf.Config.preset(preset)
     data, model = (int(x) for x in mesh.lower().split("x"))
     policy = POLICIES[dtype]
     sim = ServingSimulator(cfg, chip=chip, mesh=tf.tensor_parallel_mesh(cfg, data, model, chip=chip),
-                           precision=mtia_jax.PrecisionPolicy(**policy) if policy else None, slo=slo)
+                           precision=mtia_jax.PrecisionPolicy(**policy) if policy else None, slo=slo,
+                           prefix_caching=prefix_caching)
     rows = []
     for rate, reqs in loads:
         bar = None
@@ -101,15 +104,16 @@ def sweep(preset: str, chip: str, mesh: str, dtype: str, loads, slo, progress: b
 def table(title: str, rows) -> str:
     head = (f"{'req/s':>6} {'reqs':>6} {'tok/s':>8} {'goodput':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
             f"{'TPOT p50':>9} {'TPOT p99':>9} {'ITL p99':>8} {'E2E p99':>8} {'preempt':>7} {'max seqs':>8} "
-            f"{'J/token':>8}")
+            f"{'J/token':>8} {'cached':>6}")
     lines = [title, head + "   (ms; reqs: requests served; goodput in requests/s meeting the SLO; J/token "
-                           "over every device, idle time between requests included)"]
+                           "over every device, idle time between requests included; cached: prompt "
+                           "tokens served by the prefix cache)"]
     for rate, r in rows:
         m = r.metrics
         lines.append(f"{rate:>6.4g} {m.requests:>6} {m.throughput:>8.0f} {m.goodput:>8.2f} {m.ttft.p50 * 1e3:>9.1f} "
                      f"{m.ttft.p99 * 1e3:>9.1f} {m.tpot.p50 * 1e3:>9.2f} {m.tpot.p99 * 1e3:>9.2f} "
                      f"{m.itl.p99 * 1e3:>8.2f} {m.e2e.p99 * 1e3:>8.0f} {r.preemptions:>7} {r.max_running:>8} "
-                     f"{r.joules_per_token:>8.3f}")
+                     f"{r.joules_per_token:>8.3f} {r.prefix_cached_tokens / max(r.prompt_tokens, 1):>6.0%}")
     return "\n".join(lines)
 
 
@@ -161,6 +165,10 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=None, help="requests per rate (default 300)")
     p.add_argument("--prompt", type=_pair, default=None, help="low,high prompt tokens (uniform; default 128,2048)")
     p.add_argument("--output", type=_pair, default=None, help="low,high output tokens (uniform; default 64,512)")
+    p.add_argument("--shared-prefix", default=None, metavar="N[:G]",
+                   help="put one of G (default 1) shared system prompts of N tokens in front of every "
+                        "prompt (models.load.with_shared_prefix), which the prefix cache serves once")
+    p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--ttft-ms", type=float, default=500.0)
     p.add_argument("--tpot-ms", type=float, default=50.0)
     p.add_argument("--seed", type=int, default=None, help="seed of the Poisson load (default 0)")
@@ -210,12 +218,23 @@ def main(argv=None) -> int:
         print(f"load: Poisson arrivals generated per rate (seed {seed}): {workload}")
         lengths = [r.prompt_len + r.output_len for r in load.poisson(1.0, 100_000, load.Uniform(*prompt),
                                                                     load.Uniform(*output), seed=seed)]
+    if args.shared_prefix is not None:
+        try:
+            n, _, g = args.shared_prefix.partition(":")
+            n, g = int(n), int(g or 1)
+            loads = [(rate, load.with_shared_prefix(reqs, n, g, seed=1)) for rate, reqs in loads]
+        except ValueError as error:
+            p.error(f"--shared-prefix {args.shared_prefix}: {error} (expected N or N:G, positive ints)")
+        workload += f", after one of {g} shared {n}-token prefixes"
+        print(f"load: each prompt starts with one of {g} shared prefixes of {n} tokens")
+        lengths = [length + n for length in lengths]
     start = time.perf_counter()
     slo = load.SLO(args.ttft_ms / 1e3, args.tpot_ms / 1e3)
     runs = {}
     for chip in args.chip.split(","):
         for dtype in args.dtype.split(","):
-            sim, rows = sweep(args.preset, chip, args.mesh, dtype, loads, slo, progress=not args.no_progress)
+            sim, rows = sweep(args.preset, chip, args.mesh, dtype, loads, slo, progress=not args.no_progress,
+                              prefix_caching=not args.no_prefix_caching)
             label = f"{chip} {dtype}"
             runs[label] = rows
             print(table(f"{args.preset} on {args.mesh} x {chip}, {dtype}; {workload}; SLO TTFT <= "

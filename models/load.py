@@ -3,7 +3,8 @@ reports them.
 
 Load: requests arriving by a Poisson process at ``rate`` requests/s
 (exponential gaps), all at once (a burst), or from a JSONL trace of
-``{"arrival_s", "prompt_len", "output_len"}`` lines; prompt and output
+``{"arrival_s", "prompt_len", "output_len"}`` lines, optionally with shared
+prompt prefixes (``with_shared_prefix``, a system prompt); prompt and output
 lengths drawn from a stated distribution (``Uniform``, ``Fixed``). Every draw
 comes from one ``numpy`` generator seeded by ``seed``, so a load is
 reproducible.
@@ -56,9 +57,35 @@ class Uniform:
 
 @dataclasses.dataclass(frozen=True)
 class LoadRequest:
+    """A request of a load. Its prompt's first ``prefix_len`` tokens are the
+    shared prefix ``prefix_id`` (a system prompt, say): requests with the
+    same ``prefix_id`` start with the same tokens, which a prefix cache can
+    serve once (``prefix_id`` None: nothing shared)."""
+
     arrival_s: float
     prompt_len: int
     output_len: int
+    prefix_id: int | None = None
+    prefix_len: int = 0
+
+    def __post_init__(self):
+        if self.prefix_len < 0 or self.prefix_len > self.prompt_len or (self.prefix_len and self.prefix_id is None):
+            raise ValueError(f"LoadRequest: need 0 <= prefix_len <= prompt_len and a prefix_id for a "
+                             f"prefix, got prefix_id={self.prefix_id}, prefix_len={self.prefix_len}, "
+                             f"prompt_len={self.prompt_len}")
+
+
+def with_shared_prefix(requests: Sequence[LoadRequest], prefix_len: int, groups: int = 1, *,
+                       seed: int = 0) -> list[LoadRequest]:
+    """``requests`` with one of ``groups`` shared prefixes of ``prefix_len``
+    tokens (drawn uniformly per request, seeded) put in front of each prompt:
+    the prompt grows by ``prefix_len`` tokens, as a system prompt adds them."""
+    if prefix_len < 1 or groups < 1:
+        raise ValueError(f"with_shared_prefix: need prefix_len >= 1 and groups >= 1, got {prefix_len}, {groups}")
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, groups, size=len(requests))
+    return [dataclasses.replace(r, prompt_len=r.prompt_len + prefix_len, prefix_id=int(g), prefix_len=prefix_len)
+            for r, g in zip(requests, ids)]
 
 
 def poisson(rate: float, n: int, prompt=Uniform(128, 1024), output=Uniform(64, 512), *,
@@ -76,17 +103,21 @@ def poisson(rate: float, n: int, prompt=Uniform(128, 1024), output=Uniform(64, 5
 
 def read_trace(path: str | Path) -> list[LoadRequest]:
     """Requests from a JSONL trace, one ``{"arrival_s", "prompt_len",
-    "output_len"}`` object per line, sorted by arrival."""
+    "output_len"}`` object per line (optionally ``"prefix_id"`` and
+    ``"prefix_len"``: the shared prompt prefix it starts with), sorted by
+    arrival."""
     requests = []
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
-            request = LoadRequest(float(item["arrival_s"]), int(item["prompt_len"]), int(item["output_len"]))
-        except (ValueError, KeyError, TypeError) as error:
+            prefix_id = item.get("prefix_id")
+            request = LoadRequest(float(item["arrival_s"]), int(item["prompt_len"]), int(item["output_len"]),
+                                  None if prefix_id is None else int(prefix_id), int(item.get("prefix_len", 0)))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"{path}:{number}: expected a JSON object with arrival_s, prompt_len and "
-                             f"output_len ({error})") from None
+                             f"output_len, and optionally prefix_id and prefix_len ({error})") from None
         if request.arrival_s < 0 or request.prompt_len < 1 or request.output_len < 1:
             raise ValueError(f"{path}:{number}: arrival_s must be >= 0 and the lengths >= 1, got {item}")
         requests.append(request)

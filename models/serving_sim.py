@@ -17,8 +17,11 @@ requests first come first served, in chunks (``chunked_prefill=True``;
 off: a prompt is prefilled whole or waits), up to ``max_num_seqs`` (256)
 sequences; KV blocks of ``block_size`` (16) positions from a pool of
 ``kv_blocks`` (default: what the HBM left after the weights holds);
-preemption with recompute when the pool runs dry. The load carries lengths,
-not token ids, so the prefix cache never hits here.
+preemption with recompute when the pool runs dry; prefix caching
+(``prefix_caching=True``) for requests that share a prompt prefix
+(``load.with_shared_prefix``, or a trace's ``prefix_id``): their prefix
+blocks are computed once while cached. A load carries lengths, not text,
+so nothing else is shared.
 
 Step time. A step is one ``models.transformer.paged_step`` program, as the
 engine runs it: its N scheduled tokens (prefill chunks and decode tokens
@@ -104,14 +107,30 @@ class StepTimes:
         return report.time_s, report.energy().joules * report.devices
 
 
+_PREFIX_SPAN = 1 << 32  # ids of one prefix or one request: positions below this
+
+
 class _Sequence(Sequence):
-    """A request of the load: the scheduler's view of it (lengths, no token
-    ids) and the modeled time of each of its output tokens."""
+    """A request of the load: the scheduler's view of it and the modeled time
+    of each of its output tokens. A request with a shared prefix carries
+    token ids, so the prefix cache can match it: its prefix's ids are its
+    group's (negative, ``-1 - position``-based), every other id its own."""
 
     def __init__(self, id: int, request: load.LoadRequest):
-        super().__init__(id, request.prompt_len)
+        ids = None
+        if request.prefix_id is not None:
+            shared = [-(request.prefix_id * _PREFIX_SPAN + i) - 1 for i in range(request.prefix_len)]
+            ids = shared + [self._own(id, i) for i in range(request.prefix_len, request.prompt_len)]
+        super().__init__(id, request.prompt_len, ids)
         self.request = request
         self.times: list[float] = []
+
+    @staticmethod
+    def _own(id: int, position: int) -> int:
+        return id * _PREFIX_SPAN + position
+
+    def append(self, token_id=None) -> None:
+        super().append(self._own(self.id, self.num_tokens) if self.token_ids is not None else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +141,8 @@ class SimResult:
     max_running: int
     kv_blocks: int
     joules: float = 0.0   # modeled, every device, from the first arrival to the last token (idle gaps included)
+    prefix_cached_tokens: int = 0   # prompt tokens served by the prefix cache instead of computed
+    prompt_tokens: int = 0          # of every request served
 
     @property
     def joules_per_token(self) -> float:
@@ -139,6 +160,7 @@ class ServingSimulator:
     block_size: int = DEFAULT_BLOCK_SIZE
     kv_blocks: int | None = None
     chunked_prefill: bool = True
+    prefix_caching: bool = True
     slo: load.SLO = load.SLO()
 
     def __post_init__(self):
@@ -167,7 +189,7 @@ class ServingSimulator:
         anything with ``update(n)``) advanced per finished request."""
         sched = Scheduler(self.kv_blocks, self.block_size, max_num_seqs=self.max_num_seqs,
                           max_num_batched_tokens=self.max_num_batched_tokens,
-                          chunked_prefill=self.chunked_prefill, prefix_caching=False)
+                          chunked_prefill=self.chunked_prefill, prefix_caching=self.prefix_caching)
         future = deque(_Sequence(i, r) for i, r in enumerate(sorted(requests, key=lambda r: r.arrival_s)))
         finished: list[_Sequence] = []
         clock = future[0].request.arrival_s if future else 0.0
@@ -202,7 +224,9 @@ class ServingSimulator:
         finished.sort(key=lambda s: s.id)
         m = load.metrics([s.request.arrival_s for s in finished], [s.times for s in finished], self.slo)
         return SimResult(m, steps, preemptions=sched.preemptions, max_running=max_running,
-                         kv_blocks=self.kv_blocks, joules=joules)
+                         kv_blocks=self.kv_blocks, joules=joules,
+                         prefix_cached_tokens=sched.prefix_cached_tokens,
+                         prompt_tokens=sum(s.request.prompt_len for s in finished))
 
 
 __all__ = ["ServingSimulator", "StepTimes", "SimResult"]

@@ -30,6 +30,20 @@ def test_trace_is_read_sorted_and_bad_lines_name_their_line(tmp_path):
     path.write_text('{"arrival_s": 0.1, "prompt_len": 20}\n')
     with pytest.raises(ValueError, match=r"trace.jsonl:1: expected a JSON object"):
         load.read_trace(path)
+    # a shared prompt prefix: its id and length, within the prompt
+    path.write_text('{"arrival_s": 0, "prompt_len": 20, "output_len": 2, "prefix_id": 3, "prefix_len": 16}\n')
+    assert load.read_trace(path) == [load.LoadRequest(0.0, 20, 2, 3, 16)]
+    path.write_text('{"arrival_s": 0, "prompt_len": 20, "output_len": 2, "prefix_id": 3, "prefix_len": 21}\n')
+    with pytest.raises(ValueError, match=r"trace.jsonl:1: .*prefix_len <= prompt_len"):
+        load.read_trace(path)
+
+
+def test_shared_prefixes_are_put_in_front_of_each_prompt():
+    reqs = load.poisson(4.0, 200, seed=1)
+    shared = load.with_shared_prefix(reqs, 64, groups=3, seed=2)
+    assert [r.prompt_len for r in shared] == [r.prompt_len + 64 for r in reqs]
+    assert {r.prefix_id for r in shared} == {0, 1, 2} and {r.prefix_len for r in shared} == {64}
+    assert shared == load.with_shared_prefix(reqs, 64, groups=3, seed=2)  # seeded
 
 
 def test_metrics_of_a_three_request_trace_by_hand():

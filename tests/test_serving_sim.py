@@ -69,6 +69,22 @@ def test_chunked_prefill_spreads_a_long_prompt_over_steps_beside_decodes():
         _sim(max_num_batched_tokens=16, chunked_prefill=False).run(reqs)
 
 
+def test_a_shared_prompt_prefix_is_computed_once_while_cached():
+    # two 10-token prompts whose first 8 tokens are the same system prompt, a second apart:
+    # the first computes 10 tokens (0.020 s); the second finds blocks 0-1 (8 tokens) cached
+    # and computes 2 (0.012 s)
+    reqs = load.with_shared_prefix([load.LoadRequest(0.0, 2, 1), load.LoadRequest(1.0, 2, 1)], 8)
+    assert [(r.prompt_len, r.prefix_id, r.prefix_len) for r in reqs] == [(10, 0, 8)] * 2
+    cached = _sim(max_num_batched_tokens=64).run(reqs)
+    assert cached.prefix_cached_tokens == 8
+    assert cached.metrics.ttft.mean == pytest.approx((0.020 + 0.012) / 2)
+    plain = _sim(max_num_batched_tokens=64, prefix_caching=False).run(reqs)
+    assert plain.prefix_cached_tokens == 0 and plain.metrics.ttft.mean == pytest.approx(0.020)
+    # different prefixes share nothing
+    other = [reqs[0], dataclasses.replace(reqs[1], prefix_id=1)]
+    assert _sim(max_num_batched_tokens=64).run(other).prefix_cached_tokens == 0
+
+
 def test_running_out_of_kv_blocks_preempts_and_every_request_still_finishes():
     reqs = [load.LoadRequest(0.01 * i, 8, 24) for i in range(6)]
     result = _sim(kv_blocks=24, max_num_batched_tokens=64).run(reqs)

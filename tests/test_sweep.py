@@ -85,3 +85,19 @@ def test_without_a_trace_the_load_is_poisson(capsys):
     out = capsys.readouterr().out
     assert "load: Poisson arrivals generated per rate (seed 0)" in out
     assert [(float(r[0]), int(r[1])) for r in _rows(out)] == [(2.0, 4)]
+
+
+def test_a_shared_prefix_is_served_by_the_prefix_cache(trace, capsys):
+    # every prompt gains the same 32-token system prompt: after the first request, its two full
+    # blocks of 16 come from the cache (all but the first request's, while the pool keeps them)
+    assert serving_sweep.main([*TINY, "--trace", str(trace), "--shared-prefix", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "each prompt starts with one of 1 shared prefixes of 32 tokens" in out
+    cached = _rows(out)[0][-1]
+    prompts = sum(p + 32 for _, p, _ in TRACE)
+    assert cached == f"{(len(TRACE) - 1) * 32 / prompts:.0%}"
+    assert serving_sweep.main([*TINY, "--trace", str(trace), "--shared-prefix", "32",
+                               "--no-prefix-caching"]) == 0
+    assert _rows(capsys.readouterr().out)[0][-1] == "0%"
+    with pytest.raises(SystemExit):
+        serving_sweep.main([*TINY, "--trace", str(trace), "--shared-prefix", "x"])
