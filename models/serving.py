@@ -77,6 +77,7 @@ from models.paged_kv import DEFAULT_BLOCK_SIZE
 from models.scheduler import Scheduler, Sequence
 from mtia_jax import api, mx
 from mtia_jax.precision import PrecisionPolicy, path_string
+from runtime import power
 
 __all__ = ["SamplingParams", "Request", "Result", "ServingStats", "ServingEngine", "sample",
            "weight_bytes", "kv_cache_bytes"]
@@ -265,6 +266,7 @@ class ServingStats:
     host_wall_s: float
     host_compile_s: float
     modeled_time_s: float
+    modeled_joules: float         # the step programs' energy over every device (runtime.power)
     ttft_p50_s: float
     ttft_p99_s: float
     itl_p50_s: float
@@ -288,6 +290,11 @@ class ServingStats:
     def hbm_bytes(self) -> int:
         return self.weights_bytes + self.kv_cache_bytes
 
+    @property
+    def joules_per_token(self) -> float:
+        """Modeled energy per generated token (the steps only: no idle time)."""
+        return self.modeled_joules / self.generated_tokens if self.generated_tokens else 0.0
+
     def table(self) -> str:
         """An aligned summary, one figure per line."""
         where = f"{self.devices} x {self.chip}" if self.devices > 1 else self.chip
@@ -299,6 +306,8 @@ class ServingStats:
             ("tokens/s", f"host {self.host_tokens_per_s:,.1f} (wall, excl. {self.host_compile_s:.2f} s "
                          f"compile) | modeled {self.modeled_tokens_per_s:,.1f} on {where}"),
             ("modeled time", ms(self.modeled_time_s)),
+            ("energy (modeled)", f"{self.modeled_joules:.4g} J over every device, "
+                                 f"{self.joules_per_token:.4g} J/token"),
             ("TTFT (modeled)", f"p50 {ms(self.ttft_p50_s)}  p99 {ms(self.ttft_p99_s)}"),
             ("ITL (modeled)", f"p50 {ms(self.itl_p50_s)}  p99 {ms(self.itl_p99_s)}"),
             ("KV blocks", f"{self.num_blocks} of {self.block_size} positions, at most {self.peak_blocks} "
@@ -357,6 +366,7 @@ class _Program:
             out = compiled(*args)
         self.calls[key] += 1
         self.engine._clock += compiled.cost_analysis()["time_s"]
+        self.engine._joules += power.energy(compiled.cost, compiled.chip).joules * self.engine.devices
         return out
 
 
@@ -461,6 +471,7 @@ class ServingEngine:
         self._results: dict[int, Result] = {}
         self._next_id = 0
         self._clock = 0.0        # modeled seconds
+        self._joules = 0.0       # modeled energy of the step programs, every device
         self._compile_s = 0.0    # host seconds spent compiling
         self._wall_s = 0.0       # host seconds inside step()
         self._steps = self._computed = 0
@@ -602,7 +613,7 @@ class ServingEngine:
             generated_tokens=sum(len(r.tokens) for r in results), steps=self._steps,
             computed_tokens=self._computed, prefix_cached_tokens=self.scheduler.prefix_cached_tokens,
             preemptions=self.scheduler.preemptions, host_wall_s=self._wall_s, host_compile_s=self._compile_s,
-            modeled_time_s=self._clock, ttft_p50_s=_pct(ttft, 50), ttft_p99_s=_pct(ttft, 99),
+            modeled_time_s=self._clock, modeled_joules=self._joules, ttft_p50_s=_pct(ttft, 50), ttft_p99_s=_pct(ttft, 99),
             itl_p50_s=_pct(itl, 50), itl_p99_s=_pct(itl, 99), weights_bytes=self.weights_bytes,
             kv_cache_bytes=self.kv_cache_bytes, num_blocks=self.num_blocks,
             block_size=self.block_size, peak_blocks=self.scheduler.peak_blocks)

@@ -6,6 +6,7 @@ example script."""
 
 import functools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 import mtia_jax
 from models import transformer as tf
+from runtime import power
 from models.serving import (Request, SamplingParams, ServingEngine, kv_cache_bytes, sample,
                             weight_bytes)
 
@@ -209,6 +211,11 @@ def test_modeled_figures_are_consistent_with_the_compiled_programs(params):
     times = {key: engine._step.compiled[key].cost_analysis()["time_s"] for key in calls}
     assert min(times.values()) > 0
     assert stats.modeled_time_s == pytest.approx(sum(calls[k] * times[k] for k in calls), rel=1e-9)
+    chip = mtia_jax.chips.get("mtia450")
+    joules = {k: power.energy(engine._step.compiled[k].cost, chip).joules for k in calls}
+    assert stats.modeled_joules == pytest.approx(sum(calls[k] * joules[k] for k in calls), rel=1e-9)
+    # between idle power and the TDP over the modeled time
+    assert 0.3 * chip.tdp_watts * stats.modeled_time_s <= stats.modeled_joules <= chip.tdp_watts * stats.modeled_time_s
     assert stats.modeled_tokens_per_s == pytest.approx(stats.generated_tokens / stats.modeled_time_s)
     assert stats.host_tokens_per_s > 0 and stats.host_wall_s > stats.host_compile_s >= 0
     # a token follows its predecessor by at least one step; the first waits its prefill
@@ -223,7 +230,7 @@ def test_modeled_figures_are_consistent_with_the_compiled_programs(params):
     assert (stats.weights_bytes, stats.kv_cache_bytes) == (4 * n_weights, kv)
     assert stats.hbm_bytes == 4 * n_weights + kv
     table = stats.table()
-    for word in ("tokens/s", "TTFT", "ITL", "HBM", "KV blocks", "prefix cache", "preemptions"):
+    for word in ("tokens/s", "TTFT", "ITL", "HBM", "KV blocks", "prefix cache", "preemptions", "J/token"):
         assert word in table
 
 
@@ -291,4 +298,4 @@ def test_example_script_runs_end_to_end():
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("tokens/s"))
     assert "host" in line and "modeled" in line
-    assert "requests        4" in proc.stdout and "TTFT" in proc.stdout and "HBM" in proc.stdout
+    assert re.search(r"^requests +4 ", proc.stdout, re.M) and "TTFT" in proc.stdout and "HBM" in proc.stdout
