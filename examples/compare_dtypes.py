@@ -169,7 +169,8 @@ print(f"unigram baseline (byte frequencies of the training files): {llm_meta['ev
 print(f"recorded beside the checkpoint (meta.json): {llm_meta['eval_slice_ppl']:.6g} on the slice (fp32); "
       f"on the whole held-out split ({llm_meta['heldout_bytes']:,} bytes, {llm_meta['heldout_files']} files) "
       f"{llm_meta['heldout_ppl']:.4g}, unigram {llm_meta['unigram_ppl']:.4g}")
-assert abs(llm_ppl["fp32"] / llm_meta["eval_slice_ppl"] - 1) < 1e-9  # the checkpoint reloads exactly
+# the checkpoint reloads to its recorded figure (to float32 rounding: another CPU may sum in another order)
+assert abs(llm_ppl["fp32"] / llm_meta["eval_slice_ppl"] - 1) < 1e-5
 
 mx8_rise = llm_ppl["mx8"] / bf16_ppl - 1
 print(f"MX8 (weights and activations) against bf16: {100 * mx8_rise:+.2f} % perplexity")

@@ -155,7 +155,8 @@ def test_perplexity_is_the_checkpoints(executed):
     policy is heldout_perplexity of plain jax.jit; all beat the unigram baseline."""
     _, results = executed
     ppl, meta = results["llm_ppl"], tiny_llm.read_meta()
-    np.testing.assert_allclose(ppl["fp32"], meta["eval_slice_ppl"], rtol=1e-9)
+    # recorded by the training run: equal to float32 rounding (another CPU may sum in another order)
+    np.testing.assert_allclose(ppl["fp32"], meta["eval_slice_ppl"], rtol=1e-5)
     cfg, params = tiny_llm.load()
     bf16 = tiny_llm.heldout_perplexity(cfg.replace(dtype="bfloat16"), jax.tree.map(
         lambda w: jnp.asarray(w, jnp.bfloat16), params), tiny_llm.eval_slice())
