@@ -72,7 +72,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import dlrm
+from models import dlrm, training
 from models.dlrm import auc
 
 __all__ = ["CONFIG", "CHECKPOINT_DIR", "TEACHER_SEED", "CTRData", "make_data", "teacher_params",
@@ -413,37 +413,24 @@ def train(cfg: dlrm.Config, data: CTRData, *, steps: int, seed: int = 0, batch: 
     rng = np.random.default_rng(seed)
     per_epoch = len(data) // batch
     order = None
-    history, losses = [], []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=steps, unit="step", dynamic_ncols=True)
-    metrics = None
-    for i in range(1, steps + 1):
+
+    def batch_of(i):
+        nonlocal order
         k = (i - 1) % per_epoch
         if k == 0:
             order = rng.permutation(len(data))
         part = data.take(order[k * batch:(k + 1) * batch])
-        params, opt_state, loss = step(params, opt_state, jnp.asarray(part.dense),
-                                       tuple(jnp.asarray(s) for s in part.sparse), jnp.asarray(part.labels))
-        losses.append(loss)
-        measure = eval_data is not None and ((eval_every and i % eval_every == 0) or i == steps)
-        if measure or (bar is not None and i % 50 == 0) or i == steps:
-            mean_loss = float(np.mean([float(v) for v in losses]))
-            if measure:
-                metrics = heldout_auc(params, cfg, eval_data)
-            if measure or i == steps:
-                history.append({"step": i, "loss": mean_loss, "auc": metrics[0] if measure else None,
-                                "ne": metrics[1] if measure else None})
-                losses = []
-            if bar is not None:
-                bar.set_postfix(loss=f"{mean_loss:.4f}", heldout_auc="-" if metrics is None else f"{metrics[0]:.4f}",
-                                heldout_ne="-" if metrics is None else f"{metrics[1]:.4f}")
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return params, history
+        return (jnp.asarray(part.dense), tuple(jnp.asarray(s) for s in part.sparse), jnp.asarray(part.labels))
+
+    evaluate = None
+    if eval_data is not None:
+        evaluate = lambda p: dict(zip(("auc", "ne"), heldout_auc(p, cfg, eval_data)))
+    postfix = lambda loss, last: {"loss": f"{loss:.4f}",
+                                  "heldout_auc": "-" if last is None else f"{last['auc']:.4f}",
+                                  "heldout_ne": "-" if last is None else f"{last['ne']:.4f}"}
+    return training.run(step, params, opt_state, batch_of, steps=steps, evaluate=evaluate,
+                        metrics=("auc", "ne"), eval_every=eval_every, progress=progress,
+                        postfix_every=50, postfix=postfix)
 
 
 # ------------------------------------------------------------ checkpoint

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import training
 from models import transformer as tf
 
 __all__ = ["CONFIG", "CHECKPOINT_DIR", "EVAL_SLICE_BYTES", "corpus_files", "is_heldout",
@@ -249,33 +250,19 @@ def train(cfg: tf.Config, data, *, steps: int, seed: int = 0, batch: int = 16, s
 
     rng = np.random.default_rng(seed)
     offsets = np.arange(seq_len + 1)
-    history, losses = [], []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=steps, unit="step", dynamic_ncols=True)
-    last_ppl = None
-    for i in range(1, steps + 1):
+
+    def batch_of(_):
         starts = rng.integers(0, len(data) - seq_len - 1, size=batch)
-        windows = jnp.asarray(data[starts[:, None] + offsets[None, :]].astype(np.int32))
-        params, opt_state, loss = step(params, opt_state, windows)
-        losses.append(loss)
-        measure = eval_data is not None and ((eval_every and i % eval_every == 0) or i == steps)
-        if measure or (bar is not None and i % 10 == 0) or i == steps:
-            mean_loss = float(np.mean([float(v) for v in losses]))
-            ppl = heldout_perplexity(cfg, params, eval_data, seq_len=seq_len) if measure else None
-            last_ppl = ppl if ppl is not None else last_ppl
-            if measure or i == steps:
-                history.append({"step": i, "loss": mean_loss, "heldout_ppl": ppl})
-                losses = []
-            if bar is not None:
-                bar.set_postfix(loss=f"{mean_loss:.3f}", train_ppl=f"{math.exp(mean_loss):.2f}",
-                                heldout_ppl="-" if last_ppl is None else f"{last_ppl:.3f}")
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return params, history
+        return (jnp.asarray(data[starts[:, None] + offsets[None, :]].astype(np.int32)),)
+
+    evaluate = None
+    if eval_data is not None:
+        evaluate = lambda p: {"heldout_ppl": heldout_perplexity(cfg, p, eval_data, seq_len=seq_len)}
+    postfix = lambda loss, last: {"loss": f"{loss:.3f}", "train_ppl": f"{math.exp(loss):.2f}",
+                                  "heldout_ppl": "-" if last is None else f"{last['heldout_ppl']:.3f}"}
+    return training.run(step, params, opt_state, batch_of, steps=steps, evaluate=evaluate,
+                        metrics=("heldout_ppl",), eval_every=eval_every, progress=progress,
+                        postfix_every=10, postfix=postfix)
 
 
 # ------------------------------------------------------------ checkpoint
