@@ -21,6 +21,18 @@ def ops_with(ops, kind: str) -> list:
         op.kind == "fused_kernel" and any(o.kind == kind for o in op.regions["body"].ops))]
 
 
+def ops_of_kind(module, kind: str) -> list:
+    """Ops of ``kind`` anywhere in ``module``, regions (loop bodies, fused
+    kernels) included, in program order."""
+    found = []
+    for op in module.ops:
+        if op.kind == kind:
+            found.append(op)
+        for region in op.regions.values():
+            found.extend(ops_of_kind(region, kind))
+    return found
+
+
 def inner(op, kind: str):
     """The op of ``kind`` inside ``op`` (``op`` itself if it is one)."""
     if op.kind == kind:

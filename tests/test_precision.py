@@ -14,7 +14,7 @@ from lowering.pipeline import PassContext
 from mtia_jax import chips, mx
 from mtia_jax.precision import PrecisionPolicy, precision_policy
 from mtia_jax.primitives.mx_matmul import mx_matmul, mx_matmul_p
-from kernels import flat_kinds
+from kernels import flat_kinds, ops_of_kind
 
 W4A8 = PrecisionPolicy(weights="mx4", activations="mx8")
 
@@ -30,23 +30,12 @@ def _same_bits(got, want):
                                   want.view(f"u{want.dtype.itemsize}"))
 
 
-def _ops(module, kind):
-    """Ops of ``kind`` anywhere in ``module`` (regions included)."""
-    found = []
-    for op in module.ops:
-        if op.kind == kind:
-            found.append(op)
-        for region in op.regions.values():
-            found.extend(_ops(region, kind))
-    return found
-
-
 def _compiled(f, *args, policy=W4A8, **kw):
     return mtia_jax.jit(f, precision=policy, **kw).lower(*args).compile()
 
 
 def _formats(compiled):
-    return [(op.params["a_format"], op.params["b_format"]) for op in _ops(compiled.module, "mx_matmul")]
+    return [(op.params["a_format"], op.params["b_format"]) for op in ops_of_kind(compiled.module, "mx_matmul")]
 
 
 def mlp(x, w1, b1, w2):
@@ -65,7 +54,7 @@ def _mlp_args(dtype=jnp.float32):
 def test_without_a_policy_nothing_changes(dtype):
     args = _mlp_args(dtype)
     compiled = mtia_jax.jit(mlp).lower(*args).compile()
-    assert not _ops(compiled.module, "mx_matmul")
+    assert not ops_of_kind(compiled.module, "mx_matmul")
     _same_bits(compiled(*args), jax.jit(mlp)(*args))
     # and the pass itself is the identity without a policy
     module = mtia_jax.jit(mlp).lower(*args).module
@@ -75,7 +64,7 @@ def test_without_a_policy_nothing_changes(dtype):
 def test_policy_without_formats_changes_nothing():
     args = _mlp_args()
     compiled = _compiled(mlp, *args, policy=PrecisionPolicy())
-    assert not _ops(compiled.module, "mx_matmul")
+    assert not ops_of_kind(compiled.module, "mx_matmul")
     _same_bits(compiled(*args), jax.jit(mlp)(*args))
 
 
@@ -173,7 +162,7 @@ def test_left_alone_batched_integer_and_activation_products():
     }
     for name, (f, args) in cases.items():
         compiled = _compiled(f, *args)
-        assert not _ops(compiled.module, "mx_matmul"), name
+        assert not ops_of_kind(compiled.module, "mx_matmul"), name
         _same_bits(compiled(*args), jax.jit(f)(*args))
 
 
@@ -184,7 +173,7 @@ def attention_scores(q, k):
 def test_attention_matmuls_are_rewritten_only_with_policy_attention():
     # the KV cache is a program argument, but the product has batch dims: not a weight
     q, k = _normal(14, (2, 3, 4, 32)), _normal(15, (2, 5, 4, 32))
-    assert not _ops(_compiled(attention_scores, q, k).module, "mx_matmul")
+    assert not ops_of_kind(_compiled(attention_scores, q, k).module, "mx_matmul")
     policy = PrecisionPolicy(weights="mx4", activations="mx8", attention=True)
     compiled = _compiled(attention_scores, q, k, policy=policy)
     assert _formats(compiled) == [("mxfp8_e4m3", "mxfp8_e4m3")]
@@ -212,14 +201,14 @@ def test_weights_inside_scan_while_and_cond_bodies():
 
     compiled = _compiled(f, ws, w0, x)
     module = compiled.module
-    (scan_op, *_), (while_op,), (cond_op,) = (_ops(module, k) for k in ("scan", "while", "cond"))
-    assert len(_ops(scan_op.regions["body"], "mx_matmul")) == 2
-    assert len(_ops(while_op.regions["body"], "mx_matmul")) == 1
-    assert all(len(_ops(r, "mx_matmul")) == 1 for r in cond_op.regions.values())
+    (scan_op, *_), (while_op,), (cond_op,) = (ops_of_kind(module, k) for k in ("scan", "while", "cond"))
+    assert len(ops_of_kind(scan_op.regions["body"], "mx_matmul")) == 2
+    assert len(ops_of_kind(while_op.regions["body"], "mx_matmul")) == 1
+    assert all(len(ops_of_kind(r, "mx_matmul")) == 1 for r in cond_op.regions.values())
     # the loop-carried product (c @ c.T) is not a weight matmul; `... @ x` is
-    last_scan = _ops(module, "scan")[-1]
-    assert len(_ops(last_scan.regions["body"], "dot_general")) == 1
-    assert len(_ops(last_scan.regions["body"], "mx_matmul")) == 1
+    last_scan = ops_of_kind(module, "scan")[-1]
+    assert len(ops_of_kind(last_scan.regions["body"], "dot_general")) == 1
+    assert len(ops_of_kind(last_scan.regions["body"], "mx_matmul")) == 1
 
     mm = lambda a, b: mx_matmul(a, b, a_format="mx8", b_format="mx4")
 

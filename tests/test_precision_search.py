@@ -12,6 +12,7 @@ from models import transformer as tf
 from mtia_jax import mx
 from mtia_jax.precision import PrecisionPolicy
 from mtia_jax.precision_search import search, sensitivity
+from kernels import ops_of_kind
 from mtia_jax.primitives.mx_matmul import mx_matmul
 
 MX4, MX6, MX8 = (mx.get_format(f).name for f in ("mx4", "mx6", "mx8"))
@@ -25,16 +26,6 @@ def _same_bits(got, want):
     got, want = np.asarray(got), np.asarray(want)
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_array_equal(got.view(f"u{got.dtype.itemsize}"), want.view(f"u{want.dtype.itemsize}"))
-
-
-def _ops(module, kind):
-    found = []
-    for op in module.ops:
-        if op.kind == kind:
-            found.append(op)
-        for region in op.regions.values():
-            found.extend(_ops(region, kind))
-    return found
 
 
 # ------------------------------------------------------------ rules: numerics and bytes
@@ -60,9 +51,9 @@ def test_rules_quantize_only_the_matching_weight_numerics_and_bytes():
     fake = {**params, "w1": mx.fake_quantize(params["w1"], "mx4", axis=0)}
     np.testing.assert_allclose(got, jax.jit(two_layer)(fake, x), rtol=1e-6, atol=1e-6)
     assert not np.allclose(got, jax.jit(two_layer)(params, x), atol=1e-4)
-    (mm,) = _ops(compiled.module, "mx_matmul")
+    (mm,) = ops_of_kind(compiled.module, "mx_matmul")
     assert (mm.params.get("a_format"), mm.params["b_format"]) == (None, MX4)
-    assert len(_ops(compiled.module, "dot_general")) == 1  # w2's product is left alone
+    assert len(ops_of_kind(compiled.module, "dot_general")) == 1  # w2's product is left alone
     # bytes: w1 read packed at MX4, w2 at float32, nothing else changes
     plain = mtia_jax.jit(two_layer).lower(params, x).compile()
     saved = plain.cost_analysis()["hbm_bytes"] - compiled.cost_analysis()["hbm_bytes"]
@@ -76,14 +67,14 @@ def test_rules_first_match_wins_and_fall_back_to_weights():
     # w2 matches the first rule (None: float), w1 the catch-all; nothing else: weights
     policy = PrecisionPolicy(weights="mx8", rules={"w2": None, "w*": "mx4"})
     compiled = mtia_jax.jit(two_layer, precision=policy).lower(params, x).compile()
-    assert [op.params["b_format"] for op in _ops(compiled.module, "mx_matmul")] == [MX4]
+    assert [op.params["b_format"] for op in ops_of_kind(compiled.module, "mx_matmul")] == [MX4]
     # the argument's name prefixes the path too; a bare array is named by its parameter
     f = lambda x, w1, w2: two_layer({"w1": w1, "w2": w2}, x)
     for rules in ((("params/w1", "mx6"),), (("w1", "mx6"),)):
         fn = two_layer if rules[0][0].startswith("params") else f
         args = (params, x) if fn is two_layer else (x, params["w1"], params["w2"])
         compiled = mtia_jax.jit(fn, precision=PrecisionPolicy(weights="mx8", rules=rules)).lower(*args).compile()
-        assert [op.params["b_format"] for op in _ops(compiled.module, "mx_matmul")] == [MX6, MX8]
+        assert [op.params["b_format"] for op in ops_of_kind(compiled.module, "mx_matmul")] == [MX6, MX8]
     # a catch-all rule is the global format, bit for bit
     everything = mtia_jax.jit(two_layer, precision=PrecisionPolicy(rules=(("*", "mx4"),)))
     _same_bits(everything(params, x), mtia_jax.jit(two_layer, precision=PrecisionPolicy(weights="mx4"))(params, x))
@@ -152,9 +143,9 @@ def test_a_stacked_rule_gives_the_swiglu_kernel_one_format_per_weight():
     loss, params, tokens = _tiny_llama()
     policy = PrecisionPolicy(weights="mx8", rules=(("layers/w_gate", "mx4"), ("lm_head", None)))
     module, _ = mtia_jax.jit(loss, precision=policy).lower(params, tokens).optimize()
-    (swiglu,) = _ops(module, "swiglu")
+    (swiglu,) = ops_of_kind(module, "swiglu")
     assert swiglu.params["w_format"] == (MX4, MX8)
-    formats = sorted(op.params["b_format"] for op in _ops(module, "mx_matmul"))
+    formats = sorted(op.params["b_format"] for op in ops_of_kind(module, "mx_matmul"))
     assert formats == [MX8] * 5  # wq, wk, wv, wo, w_down; lm_head stays float
     report = mtia_jax.estimate(loss, params, tokens, precision=policy)
     assert "rules=[layers/w_gate: mxfp4_e2m1, lm_head: unchanged]" in report.table()
