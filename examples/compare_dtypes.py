@@ -44,18 +44,14 @@
 import functools
 import math
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 
-INTERACTIVE = "ipykernel" in sys.modules
-if not INTERACTIVE:
-    matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from notebook_output import print_table, show  # examples/: picks the backend before pyplot loads
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend choice)
 
 import mtia_jax  # noqa: E402
 from models import ctr_data, dlrm, tiny_llm  # noqa: E402
@@ -98,26 +94,6 @@ def cast(tree, dtype):
     """``tree`` with its floating-point arrays in ``dtype`` (integer ids unchanged)."""
     return jax.tree.map(lambda x: jnp.asarray(x).astype(dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
                         else x, tree)
-
-
-def print_table(rows):
-    """``rows`` (dicts with the same keys) as an aligned text table."""
-    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    columns = list(rows[0])
-    width = {c: max(len(c), *(len(cell(r[c])) for r in rows)) for c in columns}
-    print("  ".join(f"{c:>{width[c]}}" for c in columns))
-    for r in rows:
-        print("  ".join(f"{cell(r[c]):>{width[c]}}" for c in columns))
-
-
-def show(fig, name):
-    """Display ``fig`` in a notebook; as a script, save it as ``<name>.png``."""
-    if INTERACTIVE:
-        plt.show()
-    else:
-        fig.savefig(f"{name}.png", dpi=120, bbox_inches="tight")
-        print(f"saved {name}.png")
-    plt.close(fig)
 
 
 # %% [markdown]

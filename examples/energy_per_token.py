@@ -37,16 +37,11 @@
 import sys
 from pathlib import Path
 
-import matplotlib
-
-INTERACTIVE = "ipykernel" in sys.modules
-if not INTERACTIVE:
-    matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from notebook_output import print_table, show  # examples/: picks the backend before pyplot loads
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend choice)
 
 import mtia_jax  # noqa: E402
 from runtime import power  # noqa: E402
-
 
 
 def checkout() -> Path:
@@ -64,26 +59,6 @@ sys.path.insert(0, str(checkout() / "benchmarks"))
 import energy as bench  # noqa: E402
 
 CHIPS = bench.CHIPS
-
-
-def print_table(rows):
-    """``rows`` (dicts with the same keys) as an aligned text table."""
-    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    columns = list(rows[0])
-    width = {c: max(len(c), *(len(cell(r[c])) for r in rows)) for c in columns}
-    print("  ".join(f"{c:>{width[c]}}" for c in columns))
-    for r in rows:
-        print("  ".join(f"{cell(r[c]):>{width[c]}}" for c in columns))
-
-
-def show(fig, name):
-    """Display ``fig`` in a notebook; as a script, save it as ``<name>.png``."""
-    if INTERACTIVE:
-        plt.show()
-    else:
-        fig.savefig(f"{name}.png", dpi=120, bbox_inches="tight")
-        print(f"saved {name}.png")
-    plt.close(fig)
 
 
 # %% [markdown]

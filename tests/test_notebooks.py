@@ -36,14 +36,14 @@ ENERGY_TWIN = ROOT / "examples" / "energy_per_token.py"
 ENERGY_NOTEBOOK = ROOT / "examples" / "energy_per_token.ipynb"
 KERNEL = "mtia-jax-test-python"
 # appended to the notebook before it runs: what the checks below read
-RESULTS_CELL = ("import json\nprint(json.dumps({'python': sys.executable, 'size': SIZE, 'llm_ppl': llm_ppl, "
+RESULTS_CELL = ("import json\nimport sys\nprint(json.dumps({'python': sys.executable, 'size': SIZE, 'llm_ppl': llm_ppl, "
                 "'kv_check': kv_check, 'decode_shapes': DECODE_SHAPES, 'llm': llm_table, "
                 "'searched_rows': searched_rows, 'search': search_summary, 'pareto': pareto_rows, "
                 "'sensitivity': [{'group': g, 'format': f, 'delta': sens.delta(g, f)} "
                 "for g in sens.groups for f in SIZE['formats']], "
                 "'dlrm_samples': len(heldout), 'teacher': {'AUC': teacher_auc, 'NE': teacher_ne}, "
                 "'dlrm_acc': dlrm_acc, 'dlrm_batch': DLRM_BATCH, 'dlrm': dlrm_table, 'fastest': fastest}))")
-ENERGY_RESULTS_CELL = ("import json\nprint(json.dumps({'python': sys.executable, 'decode': decode, "
+ENERGY_RESULTS_CELL = ("import json\nimport sys\nprint(json.dumps({'python': sys.executable, 'decode': decode, "
                        "'dcnv2': dcnv2}))")
 
 
