@@ -39,6 +39,12 @@ def check_float(fn: str, name: str, value) -> None:
                         f"({type(value).__name__})")
 
 
+def shape_error(fn: str, name: str, got, expected: str) -> ValueError:
+    """The ValueError for ``fn``'s argument ``name`` of shape ``got`` where
+    ``expected`` (a description) was wanted."""
+    return ValueError(f"{fn}: {name} has shape {tuple(got)}; expected {expected}")
+
+
 def quantized(x, fmt: str | None, axis: int):
     """``x`` as the values an MX operand of format ``fmt`` holds (blocks along
     ``axis``), in ``x``'s dtype with a straight-through gradient; ``x`` itself

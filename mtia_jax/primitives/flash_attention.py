@@ -46,6 +46,7 @@ hold them, and the cost model reads them packed.
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import jax
@@ -55,7 +56,7 @@ from jax import lax
 from jax._src import core as _core
 from jax.interpreters import ad
 
-from mtia_jax.primitives._base import define_primitive, quantized
+from mtia_jax.primitives._base import define_primitive, quantized, shape_error
 
 __all__ = ["flash_attention", "flash_attention_p", "attention_reference", "OPTIONAL_OPERANDS"]
 
@@ -209,8 +210,7 @@ flash_attention_p = define_primitive(
 
 # ------------------------------------------------------------ public API
 
-def _shape_error(name: str, got, expected: str) -> ValueError:
-    return ValueError(f"flash_attention: {name} has shape {tuple(got)}; expected {expected}")
+_shape_error = functools.partial(shape_error, "flash_attention")
 
 
 def _as_4d(name: str, t, full: tuple[int, int, int, int], dims: str):

@@ -51,6 +51,7 @@ blocks of K and of V, each read once per step), not the whole pool.
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import jax
@@ -59,7 +60,7 @@ import numpy as np
 from jax._src import core as _core
 from jax.interpreters import ad
 
-from mtia_jax.primitives._base import check_float, define_primitive, quantized
+from mtia_jax.primitives._base import check_float, define_primitive, quantized, shape_error
 from mtia_jax.primitives.flash_attention import _DOT_ALGORITHM, _large_negative
 
 __all__ = ["paged_attention", "paged_attention_p", "paged_attention_reference"]
@@ -124,8 +125,7 @@ paged_attention_p = define_primitive("paged_attention", paged_attention_referenc
 
 # ------------------------------------------------------------ public API
 
-def _shape_error(name: str, got, expected: str) -> ValueError:
-    return ValueError(f"paged_attention: {name} has shape {tuple(got)}; expected {expected}")
+_shape_error = functools.partial(shape_error, "paged_attention")
 
 
 def _check_int(name: str, t, shape: tuple[int, ...] | None, dims: str):
