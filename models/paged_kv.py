@@ -34,10 +34,6 @@ import collections
 import math
 from typing import Hashable, Iterable, Sequence
 
-import jax.numpy as jnp
-
-from mtia_jax.primitives.paged_attention import paged_attention
-
 DEFAULT_BLOCK_SIZE = 16  # tokens per block: vLLM's default
 
 
@@ -183,15 +179,6 @@ class BlockAllocator:
     def sequences(self) -> tuple:
         return tuple(self._tables)
 
-    def padded_tables(self, seqs: Iterable[Hashable], width: int | None = None) -> jnp.ndarray:
-        """(len(seqs), width) int32 block tables, padded with block 0 (its
-        positions lie past each sequence's length, so they are masked)."""
-        tables = [self._tables.get(s, []) for s in seqs]
-        width = max((len(t) for t in tables), default=0) if width is None else width
-        if any(len(t) > width for t in tables):
-            raise ValueError(f"padded_tables: a table is longer than width {width}")
-        return jnp.asarray([t + [0] * (width - len(t)) for t in tables], jnp.int32).reshape(len(tables), width)
-
 
 def concurrent_sequences(lengths: Iterable[int], budget_positions: int, *, max_len: int,
                          block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[int, int]:
@@ -213,5 +200,4 @@ def concurrent_sequences(lengths: Iterable[int], budget_positions: int, *, max_l
     return fixed, paged
 
 
-__all__ = ["BlockAllocator", "OutOfBlocks", "block_hashes", "paged_attention", "concurrent_sequences",
-           "DEFAULT_BLOCK_SIZE"]
+__all__ = ["BlockAllocator", "OutOfBlocks", "block_hashes", "concurrent_sequences", "DEFAULT_BLOCK_SIZE"]

@@ -64,12 +64,12 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from models import presets
-from models.paged_kv import paged_attention
 from mtia_jax import mx
 from mtia_jax.primitives.flash_attention import flash_attention
 from mtia_jax.primitives.moe_ffn import moe_ffn
 from mtia_jax.primitives.mx_matmul import mx_matmul
 from mtia_jax.primitives.norms import rms_norm
+from mtia_jax.primitives.paged_attention import paged_attention
 from mtia_jax.primitives.swiglu import swiglu
 
 __all__ = ["Config", "PRESETS", "Transformer", "init_cache", "forward", "prefill", "decode",

@@ -12,9 +12,8 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 import mtia_jax
-from models.paged_kv import (BlockAllocator, OutOfBlocks, block_hashes, concurrent_sequences,
-                             paged_attention)
-from mtia_jax.primitives import flash_attention
+from models.paged_kv import BlockAllocator, OutOfBlocks, block_hashes, concurrent_sequences
+from mtia_jax.primitives import flash_attention, paged_attention
 
 # (op, sequence, positions or the sequence whose prefix to share)
 OPS = st.lists(st.tuples(st.sampled_from(["grow", "free", "share", "cache"]), st.integers(0, 5),
@@ -140,7 +139,9 @@ def test_paged_attention_through_allocator_tables_equals_contiguous_attention(t)
     alloc, k_pool, v_pool, k_seq, v_seq = _pool_and_contiguous(jax.random.PRNGKey(0), lengths)
     assert alloc.block_table(1) != list(range(alloc.block_table(1)[0], alloc.block_table(1)[0] + 4))
     q = jax.random.normal(jax.random.PRNGKey(1), (3, t, 4, 8))
-    tables = alloc.padded_tables(range(3))
+    width = max(len(alloc.block_table(b)) for b in range(3))  # shorter tables padded with block 0
+    tables = jnp.asarray([alloc.block_table(b) + [0] * (width - len(alloc.block_table(b))) for b in range(3)],
+                         jnp.int32)
     seq_ids = jnp.repeat(jnp.arange(3), t)
     positions = jnp.concatenate([n - t + jnp.arange(t) for n in lengths])
     flat_q = q.reshape(3 * t, 4, 8)
