@@ -150,12 +150,12 @@ class Result:
 
 class _Sequence(Sequence):
     """A request the engine holds: the scheduler's view of it (its prompt,
-    then generated tokens, in ``token_ids``) and what it has produced."""
+    then generated tokens, in ``token_ids``) and the modeled time of each
+    token it generated."""
 
     def __init__(self, request: Request, rng: np.random.Generator, eos_id: int | None, arrival_s: float):
         super().__init__(request.id, len(request.prompt), request.prompt)
         self.request, self.rng, self.eos_id, self.arrival_s = request, rng, eos_id, arrival_s
-        self.generated: list[int] = []
         self.times: list[float] = []
 
 
@@ -559,15 +559,14 @@ class ServingEngine:
 
     def _emit(self, seq: _Sequence, token: int) -> None:
         """Record a sampled token; a finished request frees its blocks and stores its Result."""
-        seq.generated.append(token)
         seq.append(token)
         seq.times.append(self._clock)
         reason = ("eos" if seq.eos_id is not None and token == seq.eos_id else
-                  "length" if len(seq.generated) >= seq.request.max_new_tokens else None)
+                  "length" if len(seq.times) >= seq.request.max_new_tokens else None)
         if reason is not None:
             r = seq.request
-            self._results[r.id] = Result(r.id, list(r.prompt), seq.generated, reason, seq.arrival_s,
-                                         seq.times)
+            generated = seq.token_ids[len(r.prompt):]
+            self._results[r.id] = Result(r.id, list(r.prompt), generated, reason, seq.arrival_s, seq.times)
             self.scheduler.finish(seq)
 
     def step(self) -> list[Result]:
