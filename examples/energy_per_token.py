@@ -88,7 +88,7 @@ CHIPS = bench.CHIPS
 # %%
 print(f"power model (assumptions): idle = {power.IDLE_FRACTION:.0%} of TDP; dynamic power "
       f"{power.COMPUTE_SHARE:.0%} compute / {power.HBM_SHARE:.0%} HBM at full load")
-print_table([{"chip": chip, "TDP W": spec.tdp_watts, "idle W": power.IDLE_FRACTION * spec.tdp_watts,
+print_table([{"chip": chip, "TDP W": spec.tdp_watts, "idle W": power.idle_watts(spec),
               "HBM TB/s": spec.hbm_bandwidth / 1e12, "MX4": "yes" if bench.has_mx4(chip) else "no"}
              for chip, spec in ((chip, mtia_jax.chips.get(chip)) for chip in CHIPS)])
 

@@ -62,6 +62,11 @@ def _bucket(n: int, least: int = 1) -> int:
     return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
+def _shardings(cfg: tf.Config, mesh) -> tuple:
+    """(params, pool) PartitionSpecs on ``mesh``, or Nones without one."""
+    return tf.pool_shardings(cfg, mesh) if mesh is not None else (None, None)
+
+
 class StepTimes:
     """Modeled seconds of ``paged_step`` programs, estimated from shapes and cached."""
 
@@ -71,10 +76,6 @@ class StepTimes:
         self.kv_blocks, self.block_size = kv_blocks, block_size
         self.params = tf.param_shapes(cfg)
         self.estimates = 0
-
-    def shardings(self):
-        """(params, pool) PartitionSpecs on the mesh, or Nones."""
-        return tf.pool_shardings(self.cfg, self.mesh) if self.mesh is not None else (None, None)
 
     def step(self, tokens: int, seqs: int, width: int) -> float:
         """Modeled seconds of one step of ``tokens`` tokens of ``seqs``
@@ -89,7 +90,7 @@ class StepTimes:
     def idle_watts(self) -> float:
         """Power of the devices while no step runs (``runtime.power``'s idle power)."""
         devices = math.prod(self.mesh.axis_sizes) if self.mesh is not None else 1
-        return power.IDLE_FRACTION * mtia_jax.chips.get(self.chip).tdp_watts * devices
+        return power.idle_watts(mtia_jax.chips.get(self.chip)) * devices
 
     @functools.lru_cache(maxsize=None)
     def _step(self, n: int, b: int, w: int) -> tuple[float, float]:
@@ -99,7 +100,7 @@ class StepTimes:
         args = (i32(n), i32(n), i32(n), i32(n), i32(b, w), i32(b), pool)
         sharded = {}
         if self.mesh is not None:
-            pspecs, pool_specs = self.shardings()
+            pspecs, pool_specs = _shardings(self.cfg, self.mesh)
             sharded = dict(mesh=self.mesh, in_shardings=(pspecs, *(P(),) * 6, pool_specs))
         report = mtia_jax.estimate(functools.partial(tf.paged_step, self.cfg), self.params, *args,
                                    chip=self.chip, precision=self.precision, donate_argnums=(7,),
@@ -174,7 +175,7 @@ class ServingSimulator:
         (``models.serving.weight_bytes``: MX weights packed, shards divided)
         with the KV heads split as ``tf.pool_shardings`` splits them."""
         spec = mtia_jax.chips.get(self.chip)
-        pspecs, pool_specs = tf.pool_shardings(self.cfg, self.mesh) if self.mesh is not None else (None, None)
+        pspecs, pool_specs = _shardings(self.cfg, self.mesh)
         weights = weight_bytes(tf.param_shapes(self.cfg), self.precision, pspecs, self.mesh)
         one_block = kv_cache_bytes(jax.eval_shape(functools.partial(tf.init_kv_pool, self.cfg, 1,
                                                                     self.block_size)), pool_specs, self.mesh)

@@ -58,6 +58,11 @@ class Energy:
         return self.joules / self.time_s if self.time_s > 0 else 0.0
 
 
+def idle_watts(chip, idle_fraction: float = IDLE_FRACTION) -> float:
+    """The power one device of ``chip`` draws while it runs nothing."""
+    return idle_fraction * chip.tdp_watts
+
+
 def energy(cost, chip, *, idle_fraction: float = IDLE_FRACTION,
            compute_share: float = COMPUTE_SHARE) -> Energy:
     """The energy of ``cost`` (a ``runtime.cost_model.ProgramCost``) on ``chip``;
@@ -65,7 +70,7 @@ def energy(cost, chip, *, idle_fraction: float = IDLE_FRACTION,
     if not 0 <= idle_fraction <= 1 or not 0 <= compute_share <= 1:
         raise ValueError(f"idle_fraction and compute_share are fractions in [0, 1], got "
                          f"{idle_fraction}, {compute_share}")
-    idle = idle_fraction * chip.tdp_watts
+    idle = idle_watts(chip, idle_fraction)
     dynamic = chip.tdp_watts - idle
     at_peak = sum(max(k.ideal_matrix_s, k.ideal_vector_s) for k in cost.kernels)
     at_full_bandwidth = sum(k.hbm_bytes for k in cost.kernels) / chip.hbm_bandwidth
