@@ -80,6 +80,7 @@ from jax import lax
 
 from lowering.ir import Module, Op, Value
 from mtia_jax.mx import DEFAULT_BLOCK_SIZE
+from mtia_jax.precision import PrecisionPolicy
 from mtia_jax.primitives.mx_matmul import mx_matmul_p
 
 # ops whose result i is a weight when their operand i is one (an all_gather
@@ -114,7 +115,6 @@ def weight_names(module: Module, ctx=None) -> set[tuple[str, ...]]:
     this pass would give a weight format: those some rewritten ``dot_general``
     or kernel reads as its weight operand. ``module`` is the program as the
     pass receives it (after the passes before it in the pipeline)."""
-    from mtia_jax.precision import PrecisionPolicy  # the policy imports no compiler code
     found: set[tuple[str, ...]] = set()
     _rewrite(module, _input_names(module, ctx), PrecisionPolicy(weights="mx8"), found)
     return found
