@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mtia_jax  # noqa: E402
 from models import dlrm  # noqa: E402
 from models import transformer as tf  # noqa: E402
+from runtime import power  # noqa: E402
 
 CHIPS = ("mtia400", "mtia450", "mtia500", "h100", "h200")
 BATCH, CACHE, TP = 64, 2048, 8
@@ -101,8 +102,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     cost_head = f" {'$/M items':>10}" if args.chip_hour_cost else ""
-    print("Modeled energy (runtime/power.py: idle 30 % of TDP, dynamic 60 % compute / 40 % HBM; "
-          "assumptions); per device figures, items = tokens or samples")
+    print(f"Modeled energy (runtime/power.py: idle {power.IDLE_FRACTION:.0%} of TDP, dynamic "
+          f"{power.COMPUTE_SHARE:.0%} compute / {power.HBM_SHARE:.0%} HBM; assumptions); per device figures, "
+          f"items = tokens or samples")
     print(f"{'workload':<26} {'chip':<8} {'step ms':>8} {'items/s/dev':>11} {'W/dev':>7} "
           f"{'J/item':>10} {'items/J':>10} {'item':<7} " + " ".join(f"{k:>6}" for k in SENSITIVITY) + cost_head)
     for name, chip, report, items, devices, what in runs():
